@@ -1,0 +1,1 @@
+"""LIMA-style supervised fine-tuning of LLaMA models in JAX."""
