@@ -1,0 +1,112 @@
+"""The config schema: every key the trainer reads, with LIMA's recipe as the defaults.
+
+Config files in `configs/` start from `base_config()` and change what their setup needs;
+`--config.a.b=value` overrides any field from the command line (ml_collections checks the type).
+`validate()` checks the values that types cannot, naming the key.
+"""
+
+from importlib import resources
+
+import ml_collections
+
+from lima_jax.errors import LimaError
+
+REMAT_POLICIES = ("none", "full", "save_dots")
+DTYPES = ("float32", "bfloat16")
+
+
+def sample_data(name: str) -> str:
+  """Path of a file of the sample set that ships with the package."""
+  return str(resources.files("lima_jax") / "sample_data" / name)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.workdir = ""  # the --workdir flag wins; empty means workdir/<config file name>
+
+  c.data = ml_collections.ConfigDict()
+  c.data.train_path = ""
+  c.data.dev_path = ""
+  c.data.tokenizer_path = ""
+  c.data.max_length = 2048  # LIMA trims texts to 2048 tokens
+  c.data.train_on_prompt = False  # loss on assistant tokens (+ their EOT) only
+  c.data.rows_per_step = 0  # packed rows per step; 0 = the fewest that fit every step of the run
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 32  # examples per optimizer step (LIMA: 32 for 65B, 64 for smaller)
+  c.train.epochs = 15
+  c.train.stop_after_steps = 0  # stop (with a checkpoint) after this step; the schedule is unchanged
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 1e-5
+  c.optimizer.end_learning_rate = 1e-6
+  c.optimizer.warmup_steps = 0
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.95
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 0.1
+  c.optimizer.grad_clip_norm = 0.0  # 0 = no clipping (LIMA mentions none)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.d_model = 4096
+  c.model.n_layers = 32
+  c.model.n_heads = 32
+  c.model.n_kv_heads = 32
+  c.model.ffn_dim = 11008
+  c.model.rope_theta = 10_000.0
+  c.model.norm_eps = 1e-6
+  c.model.tie_embeddings = False
+  c.model.residual_dropout_top = 0.2
+  c.model.remat = "none"
+  c.model.param_dtype = "float32"
+  c.model.compute_dtype = "bfloat16"
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1
+  c.mesh.fsdp = -1  # -1 = every remaining device
+  c.mesh.tensor = 1
+  c.mesh.cpu_devices = 0  # >0: pretend the CPU has this many devices (sharded runs on one host)
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.max_to_keep = 0  # 0 = keep every epoch's checkpoint
+  c.checkpoint.async_save = True
+  return c
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+  if not ok:
+    raise LimaError(f"config {key}: {message}")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Value checks the type system cannot do; each error names its key."""
+  _require(c.seed >= 0, "seed", f"must be >= 0, got {c.seed}")
+  for key in ("train_path", "tokenizer_path"):
+    _require(bool(c.data[key]), f"data.{key}", "is empty; set it to a file path")
+  _require(c.data.max_length >= 2, "data.max_length", f"must be at least 2, got {c.data.max_length}")
+  _require(c.data.rows_per_step >= 0, "data.rows_per_step", "must be >= 0 (0 = automatic)")
+  _require(c.train.batch_size > 0, "train.batch_size", f"must be positive, got {c.train.batch_size}")
+  _require(c.train.epochs > 0, "train.epochs", f"must be positive, got {c.train.epochs}")
+  _require(c.train.stop_after_steps >= 0, "train.stop_after_steps", "must be >= 0")
+  _require(c.optimizer.learning_rate > 0, "optimizer.learning_rate", "must be positive")
+  _require(c.optimizer.end_learning_rate >= 0, "optimizer.end_learning_rate", "must be >= 0")
+  _require(c.optimizer.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
+  for key in ("b1", "b2"):
+    _require(0 <= c.optimizer[key] < 1, f"optimizer.{key}", "must be in [0, 1)")
+  _require(c.optimizer.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
+  m = c.model
+  for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim"):
+    _require(m[key] > 0, f"model.{key}", f"must be positive, got {m[key]}")
+  _require(m.d_model % m.n_heads == 0, "model.n_heads",
+           f"{m.n_heads} does not divide model.d_model={m.d_model}")
+  _require((m.d_model // m.n_heads) % 2 == 0, "model.n_heads",
+           "the head dimension d_model / n_heads must be even for rotary embeddings")
+  _require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads",
+           f"{m.n_kv_heads} does not divide model.n_heads={m.n_heads}")
+  _require(0 <= m.residual_dropout_top < 1, "model.residual_dropout_top", "must be in [0, 1)")
+  _require(m.remat in REMAT_POLICIES, "model.remat", f"must be one of {REMAT_POLICIES}")
+  for key in ("param_dtype", "compute_dtype"):
+    _require(m[key] in DTYPES, f"model.{key}", f"must be one of {DTYPES}, got {m[key]!r}")
+  _require(c.mesh.cpu_devices >= 0, "mesh.cpu_devices", "must be >= 0")
+  _require(c.checkpoint.max_to_keep >= 0, "checkpoint.max_to_keep", "must be >= 0 (0 = all)")

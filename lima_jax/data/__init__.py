@@ -1,0 +1,19 @@
+"""The data side of training: JSONL -> TFDS -> chat tokens -> epoch plan -> packed steps."""
+
+from lima_jax.data.batching import EpochPlan
+from lima_jax.data.chat_format import ChatTokenizer, Example
+from lima_jax.data.conversations import Conversation
+from lima_jax.data.lima_dataset import read_conversations
+from lima_jax.data.packing import pack_step, rows_needed
+from lima_jax.data.pipeline import load_examples
+
+__all__ = [
+    "ChatTokenizer",
+    "Conversation",
+    "EpochPlan",
+    "Example",
+    "load_examples",
+    "pack_step",
+    "read_conversations",
+    "rows_needed",
+]

@@ -1,0 +1,56 @@
+"""Where a run reports: metrics.jsonl, TensorBoard events and a progress bar.
+
+Only process 0 writes; on other hosts every method is a no-op, so callers need not check.
+"""
+
+import json
+import os
+
+import jax
+import tqdm
+from tensorboardX import SummaryWriter
+
+
+class RunReporter:
+
+  def __init__(self, workdir: str, *, total_steps: int, initial_step: int):
+    self.enabled = jax.process_index() == 0
+    if not self.enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    # Appending keeps the history of a resumed run in one file.
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, unit="step",
+                          dynamic_ncols=True, desc="train")
+
+  def step(self, record: dict) -> None:
+    """One train step: record holds step, epoch, loss, lr, grad_norm, tokens, step_time."""
+    if not self.enabled:
+      return
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+    step = record["step"]
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+      self._tb.add_scalar(f"train/{key}", record[key], step)
+    self._bar.set_postfix(epoch=record["epoch"], loss=f"{record['loss']:.4f}",
+                          lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+    self._bar.update(1)
+
+  def scalars(self, prefix: str, values: dict, step: int) -> None:
+    if not self.enabled:
+      return
+    for key, value in values.items():
+      self._tb.add_scalar(f"{prefix}/{key}", value, step)
+    self._tb.flush()
+
+  def message(self, text: str) -> None:
+    if self.enabled:
+      self._bar.write(text)
+
+  def close(self) -> None:
+    if not self.enabled:
+      return
+    self._bar.close()
+    self._tb.close()
+    self._jsonl.close()

@@ -1,0 +1,222 @@
+"""LLaMA in Flax NNX, with LIMA's layer-wise residual dropout.
+
+Read top to bottom it follows the architecture: RMSNorm, rotary position embedding, grouped-query
+attention restricted to each packed example, SwiGLU feed-forward, the decoder block with dropout on
+each sub-layer's output before the residual add, a scanned stack of blocks, and the LM head.
+
+Params carry logical axis names (`lima_jax.sharding` maps them onto the mesh); activations are
+constrained by the `constrain` callable the caller passes in, so this file knows no mesh.
+"""
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Constrain = Callable[[jax.Array, tuple], jax.Array]
+VOCAB_MULTIPLE = 128  # the padded vocabulary keeps the embedding and LM head tile-aligned on TPU
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  vocab_size: int  # real tokens, EOT included; the tables are padded past it
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  ffn_dim: int
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = False
+  residual_dropout_top: float = 0.0  # LIMA: 0.3 for 65B, 0.2 for smaller models
+  remat: str = "none"  # none | full | save_dots
+  param_dtype: str = "float32"
+  compute_dtype: str = "float32"
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+  @property
+  def padded_vocab(self) -> int:
+    return -(-self.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def residual_dropout_rates(n_layers: int, top: float) -> jnp.ndarray:
+  """LIMA's schedule: 0.0 at the bottom layer rising linearly to `top` at the top layer."""
+  if n_layers == 1:
+    return jnp.zeros((1,), jnp.float32)
+  return top * jnp.arange(n_layers, dtype=jnp.float32) / (n_layers - 1)
+
+
+def _param(rngs, shape, names, dtype, init=nnx.initializers.normal(0.02)):
+  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names)
+
+
+def _no_constraint(x, names):
+  del names
+  return x
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim: int, eps: float, dtype, rngs: nnx.Rngs):
+    del rngs
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((dim,), dtype), out_sharding=("embed",))
+
+  def __call__(self, x):
+    # Normalise in fp32 whatever the compute dtype: bf16 variance underflows.
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale.value.astype(jnp.float32)).astype(x.dtype)
+
+
+def apply_rope(x, positions, theta: float):
+  """Rotary embedding in the rotate-half layout used by HF transformers.
+
+  x: [batch, length, heads, head_dim]; positions: [batch, length], restarting at 0 for every
+  packed example so each one sees the positions it would see alone.
+  """
+  half = x.shape[-1] // 2
+  inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, half]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x.dtype)
+
+
+def segment_causal_mask(segment_ids):
+  """[B, 1, T, T] mask: a token sees earlier tokens of its own packed example only."""
+  length = segment_ids.shape[-1]
+  causal = jnp.tril(jnp.ones((length, length), jnp.bool_))
+  same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+  return (same_segment & causal)[:, None, :, :]
+
+
+class Attention(nnx.Module):
+  """Multi-head attention with grouped KV heads (n_kv_heads == n_heads is plain MHA)."""
+
+  def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+    d, h, kv, hd, dt = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.param_dtype
+    self.cfg = cfg
+    self.wq = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), dt)
+    self.wk = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), dt)
+    self.wv = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), dt)
+    self.wo = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), dt)
+
+  def __call__(self, x, positions, mask):
+    dt = x.dtype
+    q = jnp.einsum("btd,dnh->btnh", x, self.wq.value.astype(dt))
+    k = jnp.einsum("btd,dnh->btnh", x, self.wk.value.astype(dt))
+    v = jnp.einsum("btd,dnh->btnh", x, self.wv.value.astype(dt))
+    q = apply_rope(q, positions, self.cfg.rope_theta)
+    k = apply_rope(k, positions, self.cfg.rope_theta)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    return jnp.einsum("btnh,nhd->btd", out, self.wo.value.astype(dt))
+
+
+class FeedForward(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+    d, f, dt = cfg.d_model, cfg.ffn_dim, cfg.param_dtype
+    self.gate = _param(rngs, (d, f), ("embed", "mlp"), dt)
+    self.up = _param(rngs, (d, f), ("embed", "mlp"), dt)
+    self.down = _param(rngs, (f, d), ("mlp", "embed"), dt)
+
+  def __call__(self, x):
+    dt = x.dtype
+    hidden = jax.nn.silu(x @ self.gate.value.astype(dt)) * (x @ self.up.value.astype(dt))
+    return hidden @ self.down.value.astype(dt)
+
+
+def residual_dropout(x, rate, key):
+  """Inverted dropout with a traced rate (it differs per layer inside the scan)."""
+  if key is None:
+    return x
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(key, keep, x.shape)
+  return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
+
+
+class DecoderBlock(nnx.Module):
+
+  def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs)
+    self.attn = Attention(cfg, rngs)
+    self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs)
+    self.mlp = FeedForward(cfg, rngs)
+
+  def __call__(self, x, positions, mask, dropout_rate, dropout_key, constrain: Constrain):
+    attn_key = mlp_key = None
+    if dropout_key is not None:
+      attn_key, mlp_key = jax.random.split(dropout_key)
+    x = x + residual_dropout(self.attn(self.attn_norm(x), positions, mask), dropout_rate, attn_key)
+    x = constrain(x, ("batch", "length", "act_embed"))
+    x = x + residual_dropout(self.mlp(self.mlp_norm(x)), dropout_rate, mlp_key)
+    return constrain(x, ("batch", "length", "act_embed"))
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Llama(nnx.Module):
+
+  def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = _param(rngs, (cfg.padded_vocab, cfg.d_model), ("vocab", "embed"), cfg.param_dtype)
+
+    # One block per layer, created with a leading 'layers' axis so the stack is scanned: compile
+    # time stays flat in depth (80 layers compile like 2).
+    @nnx.split_rngs(splits=cfg.n_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make_blocks(rngs):
+      return DecoderBlock(cfg, rngs)
+
+    self.blocks = make_blocks(rngs)
+    self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs)
+    if not cfg.tie_embeddings:
+      self.lm_head = _param(rngs, (cfg.d_model, cfg.padded_vocab), ("embed", "vocab"),
+                            cfg.param_dtype)
+
+  def __call__(self, tokens, positions, segment_ids, *, dropout_key=None,
+               constrain: Constrain = _no_constraint):
+    """Logits [B, T, padded_vocab] in fp32; the padding columns are -inf-like.
+
+    dropout_key=None is evaluation: no dropout anywhere. With a key, layer l drops its sub-layer
+    outputs at rate residual_dropout_top * l / (L - 1), with a key folded from l.
+    """
+    cfg = self.cfg
+    # Gather the table whole along 'embed' first: XLA cannot gather from an fsdp-split table
+    # into a batch-split output without replicating everything.
+    table = constrain(self.embed.value.astype(cfg.compute_dtype), ("vocab", "act_embed"))
+    x = table[tokens]
+    x = constrain(x, ("batch", "length", "act_embed"))
+    mask = segment_causal_mask(segment_ids)
+    rates = residual_dropout_rates(cfg.n_layers, cfg.residual_dropout_top)
+    layer_ids = jnp.arange(cfg.n_layers)
+    block_def, block_state = nnx.split(self.blocks)
+
+    def layer(x, scanned):
+      state, rate, index = scanned
+      key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
+      return nnx.merge(block_def, state)(x, positions, mask, rate, key, constrain), None
+
+    if cfg.remat != "none":
+      layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    x, _ = jax.lax.scan(layer, x, (block_state, rates, layer_ids))
+
+    x = self.final_norm(x)
+    head = self.embed.value.T if cfg.tie_embeddings else self.lm_head.value
+    logits = jnp.einsum("btd,dv->btv", x, head.astype(cfg.compute_dtype),
+                        preferred_element_type=jnp.float32)
+    is_real = jnp.arange(cfg.padded_vocab) < cfg.vocab_size
+    return jnp.where(is_real, logits, jnp.finfo(jnp.float32).min)

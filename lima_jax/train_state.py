@@ -1,0 +1,131 @@
+"""The train state on the mesh, and the compiled train and eval steps.
+
+The state is a plain pytree, {'step', 'params', 'opt_state'}, with params as a pure dict (the form
+checkpoints and weight converters use). It is created already sharded by a jitted init, so a big
+model never exists whole on one host. The train step is `jax.jit` with explicit in/out shardings
+and a donated state.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from lima_jax import sharding
+from lima_jax.model import Llama, LlamaConfig
+
+BATCH_KEYS = ("tokens", "targets", "weights", "segment_ids", "positions")
+
+
+def token_loss(model, batch, *, dropout_key=None, constrain=None):
+  """Summed cross entropy over the weighted target tokens, and their count."""
+  kwargs = {} if constrain is None else {"constrain": constrain}
+  logits = model(batch["tokens"], batch["positions"], batch["segment_ids"],
+                 dropout_key=dropout_key, **kwargs)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+  return jnp.sum(ce * batch["weights"]), jnp.sum(batch["weights"])
+
+
+@dataclasses.dataclass
+class Trainer:
+  """Everything compiled for one (model, optimizer, mesh): init, train step, eval step."""
+  model_cfg: LlamaConfig
+  optimizer: optax.GradientTransformation
+  schedule: optax.Schedule
+  mesh: jax.sharding.Mesh
+  seed: int
+
+  def __post_init__(self):
+    with nnx.use_eager_sharding(False):
+      abstract_model = nnx.eval_shape(lambda: Llama(self.model_cfg, nnx.Rngs(0)))
+    self.graphdef, abstract_params = nnx.split(abstract_model)
+    names = sharding.logical_names(abstract_params)
+    shapes = jax.eval_shape(self._init, 0)
+    sharding.check_divisible(shapes["params"], names, self.mesh)
+    param_shardings = sharding.param_shardings(names, self.mesh)
+    replicated = sharding.replicated(self.mesh)
+    opt_shardings = optax.tree_map_params(
+        self.optimizer, lambda _, s: s, shapes["opt_state"], param_shardings,
+        transform_non_params=lambda _: replicated)
+    self.state_shardings = {"step": replicated, "params": param_shardings,
+                            "opt_state": opt_shardings}
+    self.abstract_state = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        shapes, self.state_shardings)
+    self.batch_sharding = sharding.batch_sharding(self.mesh)
+    batch_shardings = {k: self.batch_sharding for k in BATCH_KEYS}
+    self._constrain = sharding.constrainer(self.mesh)
+    self.init = jax.jit(self._init, out_shardings=self.state_shardings)
+    self.train_step = jax.jit(self._train_step, donate_argnums=0,
+                              in_shardings=(self.state_shardings, batch_shardings),
+                              out_shardings=(self.state_shardings, replicated))
+    self.eval_step = jax.jit(self._eval_step,
+                             in_shardings=(param_shardings, batch_shardings),
+                             out_shardings=replicated)
+
+  @property
+  def num_params(self) -> int:
+    return sum(x.size for x in jax.tree.leaves(self.abstract_state["params"]))
+
+  def _init(self, seed):
+    with nnx.use_eager_sharding(False):
+      model = Llama(self.model_cfg, nnx.Rngs(jax.random.key(seed)))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    if self.model_cfg.vocab_size < self.model_cfg.padded_vocab:
+      params = _zero_padding_rows(params, self.model_cfg)
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "opt_state": self.optimizer.init(params)}
+
+  def model(self, params) -> Llama:
+    return nnx.merge(self.graphdef, params)
+
+  def _train_step(self, state, batch):
+    # Dropout randomness is a function of (seed, step) alone, so a resumed run repeats it exactly;
+    # the model folds in the layer index.
+    dropout_key = jax.random.fold_in(jax.random.key(self.seed), state["step"])
+
+    def loss_fn(params):
+      total, count = token_loss(self.model(params), batch, dropout_key=dropout_key,
+                                constrain=self._constrain)
+      # The mean over the step's target tokens; a step with none (impossible in practice) is 0.
+      return total / jnp.maximum(count, 1.0), count
+
+    (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+               "lr": self.schedule(state["step"]), "tokens": count}
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+  def _eval_step(self, params, batch):
+    total, count = token_loss(self.model(params), batch, constrain=self._constrain)
+    return {"loss_sum": total, "tokens": count}
+
+  def put_batch(self, batch: dict) -> dict:
+    """Host numpy batch (the global step) -> global arrays; each process feeds its own rows."""
+    out = {}
+    for key in BATCH_KEYS:
+      rows = _process_rows(self.batch_sharding, batch[key].shape)
+      out[key] = jax.make_array_from_process_local_data(
+          self.batch_sharding, batch[key][rows], batch[key].shape)
+    return out
+
+
+def _zero_padding_rows(params, cfg: LlamaConfig):
+  """The vocabulary padding rows never produce or receive a token: keep them at zero."""
+  real = jnp.arange(cfg.padded_vocab) < cfg.vocab_size
+  params = dict(params)
+  params["embed"] = jnp.where(real[:, None], params["embed"], 0)
+  if "lm_head" in params:
+    params["lm_head"] = jnp.where(real[None, :], params["lm_head"], 0)
+  return params
+
+
+def _process_rows(batch_sharding, shape) -> slice:
+  """The contiguous rows of the global batch that this process's devices hold."""
+  index_map = batch_sharding.addressable_devices_indices_map(shape)
+  starts = [idx[0].start or 0 for idx in index_map.values()]
+  stops = [shape[0] if idx[0].stop is None else idx[0].stop for idx in index_map.values()]
+  return slice(min(starts), max(stops))
