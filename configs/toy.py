@@ -13,13 +13,14 @@ def get_config():
   c.data.train_path = sample_data("train.jsonl")
   c.data.dev_path = sample_data("dev.jsonl")
   c.data.tokenizer_path = sample_data("tokenizer.model")
-  c.data.max_length = 512
+  c.data.max_length = 256
 
-  c.train.batch_size = 16
-  c.train.epochs = 15
+  c.train.batch_size = 4
+  c.train.epochs = 45
 
-  c.optimizer.learning_rate = 3e-3
-  c.optimizer.end_learning_rate = 3e-4
+  c.optimizer.learning_rate = 1e-2
+  c.optimizer.end_learning_rate = 1e-3
+  c.optimizer.warmup_steps = 10
   c.optimizer.weight_decay = 0.1
 
   c.model.d_model = 128
@@ -27,7 +28,7 @@ def get_config():
   c.model.n_heads = 4
   c.model.n_kv_heads = 2
   c.model.ffn_dim = 352
-  c.model.residual_dropout_top = 0.2
+  c.model.residual_dropout_top = 0.1
   c.model.param_dtype = "float32"
   c.model.compute_dtype = "float32"
 

@@ -24,6 +24,7 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.workdir = ""  # the --workdir flag wins; empty means workdir/<config file name>
+  c.init_from = ""  # pretrained weights: an HF LLaMA dir or a `lima_jax.convert` output dir
 
   c.data = ml_collections.ConfigDict()
   c.data.train_path = ""

@@ -18,6 +18,7 @@ class RunReporter:
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
+    self._workdir = workdir
     # Appending keeps the history of a resumed run in one file.
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
     self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -37,16 +38,16 @@ class RunReporter:
                           lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
     self._bar.update(1)
 
-  def scalars(self, prefix: str, values: dict, step: int) -> None:
+  def epoch(self, epoch: int, summary: dict, step: int) -> None:
+    """End of an epoch: its mean train loss, and dev loss / perplexity when there is a dev set."""
     if not self.enabled:
       return
-    for key, value in values.items():
-      self._tb.add_scalar(f"{prefix}/{key}", value, step)
+    for key, value in summary.items():
+      self._tb.add_scalar(f"epoch/{key}", value, step)
     self._tb.flush()
-
-  def message(self, text: str) -> None:
-    if self.enabled:
-      self._bar.write(text)
+    with open(os.path.join(self._workdir, "epochs.jsonl"), "a", encoding="utf-8") as f:
+      f.write(json.dumps({"epoch": epoch, "step": step, **summary}) + "\n")
+    self._bar.write(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
 
   def close(self) -> None:
     if not self.enabled:

@@ -71,7 +71,7 @@ class RMSNorm(nnx.Module):
     # Normalise in fp32 whatever the compute dtype: bf16 variance underflows.
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (y * self.scale.value.astype(jnp.float32)).astype(x.dtype)
+    return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
 def apply_rope(x, positions, theta: float):
@@ -111,13 +111,13 @@ class Attention(nnx.Module):
 
   def __call__(self, x, positions, mask):
     dt = x.dtype
-    q = jnp.einsum("btd,dnh->btnh", x, self.wq.value.astype(dt))
-    k = jnp.einsum("btd,dnh->btnh", x, self.wk.value.astype(dt))
-    v = jnp.einsum("btd,dnh->btnh", x, self.wv.value.astype(dt))
+    q = jnp.einsum("btd,dnh->btnh", x, self.wq[...].astype(dt))
+    k = jnp.einsum("btd,dnh->btnh", x, self.wk[...].astype(dt))
+    v = jnp.einsum("btd,dnh->btnh", x, self.wv[...].astype(dt))
     q = apply_rope(q, positions, self.cfg.rope_theta)
     k = apply_rope(k, positions, self.cfg.rope_theta)
     out = jax.nn.dot_product_attention(q, k, v, mask=mask)
-    return jnp.einsum("btnh,nhd->btd", out, self.wo.value.astype(dt))
+    return jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(dt))
 
 
 class FeedForward(nnx.Module):
@@ -131,8 +131,8 @@ class FeedForward(nnx.Module):
 
   def __call__(self, x):
     dt = x.dtype
-    hidden = jax.nn.silu(x @ self.gate.value.astype(dt)) * (x @ self.up.value.astype(dt))
-    return hidden @ self.down.value.astype(dt)
+    hidden = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
+    return hidden @ self.down[...].astype(dt)
 
 
 def residual_dropout(x, rate, key):
@@ -197,7 +197,7 @@ class Llama(nnx.Module):
     cfg = self.cfg
     # Gather the table whole along 'embed' first: XLA cannot gather from an fsdp-split table
     # into a batch-split output without replicating everything.
-    table = constrain(self.embed.value.astype(cfg.compute_dtype), ("vocab", "act_embed"))
+    table = constrain(self.embed[...].astype(cfg.compute_dtype), ("vocab", "act_embed"))
     x = table[tokens]
     x = constrain(x, ("batch", "length", "act_embed"))
     mask = segment_causal_mask(segment_ids)
@@ -215,7 +215,7 @@ class Llama(nnx.Module):
     x, _ = jax.lax.scan(layer, x, (block_state, rates, layer_ids))
 
     x = self.final_norm(x)
-    head = self.embed.value.T if cfg.tie_embeddings else self.lm_head.value
+    head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
     logits = jnp.einsum("btd,dv->btv", x, head.astype(cfg.compute_dtype),
                         preferred_element_type=jnp.float32)
     is_real = jnp.arange(cfg.padded_vocab) < cfg.vocab_size

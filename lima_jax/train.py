@@ -27,8 +27,31 @@ from lima_jax.train_state import Trainer
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "configs", "toy.py")
-_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Training config file.",
-                                          lock_config=True)
+
+
+def fail(message: str) -> None:
+  """User mistakes end here: one line on stderr, exit status 2, no traceback."""
+  print(f"error: {' '.join(message.split())}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _unknown_config_key(error: Exception) -> None:
+  key = str(error).strip("\"' ").split("'")[0]
+  given = [a.split("=")[0] for a in sys.argv[1:] if a.startswith("--config.")]
+  fail(f"{next((g for g in given if key in g.split('.')), key)}: no such config key")
+
+
+def _define_config_flag():
+  # ml_collections applies `--config.x=...` overrides of the default file while defining the
+  # flag, so an unknown key surfaces here.
+  try:
+    return config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Training config file.",
+                                           lock_config=True)
+  except (AttributeError, KeyError) as e:
+    _unknown_config_key(e)
+
+
+_CONFIG = _define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, logs); "
                                "local or gs://. Default: config.workdir or workdir/<config name>.")
 
@@ -73,83 +96,122 @@ class DevSet:
     return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0)))}
 
 
-def run(cfg, workdir: str) -> dict:
-  """Trains as `cfg` says; returns the last step's metrics (empty if there was nothing to do)."""
+@dataclasses.dataclass
+class Setup:
+  """Everything a run needs before its first step, built in an order that touches nothing on
+  disk until the config, tokenizer, data and mesh are known to be valid."""
+  tokenizer: data.ChatTokenizer
+  examples: list
+  dev: DevSet | None
+  plan: data.EpochPlan
+  total_steps: int
+  rows: int
+  trainer: Trainer
+  meta: dict
+
+
+def prepare(cfg, workdir: str) -> Setup:
   config.validate(cfg)
   if cfg.mesh.cpu_devices:
-    jax.config.update("jax_num_cpu_devices", cfg.mesh.cpu_devices)
-  started = time.perf_counter()
-
+    _use_fake_cpu_devices(cfg.mesh.cpu_devices)
+  mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
   tokenizer = data.ChatTokenizer(cfg.data.tokenizer_path)
-  tfds_dir = os.path.join(workdir, "tfds")
   load = dict(max_length=cfg.data.max_length, train_on_prompt=cfg.data.train_on_prompt,
-              data_dir=tfds_dir)
+              data_dir=os.path.join(workdir, "tfds"))
   examples = data.load_examples(cfg.data.train_path, tokenizer, what="data.train_path", **load)
   dev_examples = (data.load_examples(cfg.data.dev_path, tokenizer, what="data.dev_path", **load)
                   if cfg.data.dev_path else [])
 
   plan = data.EpochPlan(len(examples), cfg.train.batch_size, cfg.seed)
   total_steps = plan.steps_per_epoch * cfg.train.epochs
-  mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-  rows = packed_rows(cfg, examples, plan, total_steps, mesh)
   model_cfg = model_config(cfg.model, tokenizer.vocab_size)
   optimizer, schedule = optim.make_optimizer(cfg.optimizer, total_steps)
-  trainer = Trainer(model_cfg, optimizer, schedule, mesh, cfg.seed)
-  dev = DevSet(dev_examples, cfg.train.batch_size, cfg.data.max_length, mesh) if dev_examples else None
+  return Setup(
+      tokenizer=tokenizer, examples=examples, plan=plan, total_steps=total_steps,
+      dev=DevSet(dev_examples, cfg.train.batch_size, cfg.data.max_length, mesh)
+      if dev_examples else None,
+      rows=packed_rows(cfg, examples, plan, total_steps, mesh),
+      trainer=Trainer(model_cfg, optimizer, schedule, mesh, cfg.seed),
+      meta={"config": cfg.to_dict(), "model": dataclasses.asdict(model_cfg),
+            "tokenizer_sha256": tokenizer.sha256, "steps_per_epoch": plan.steps_per_epoch,
+            "total_steps": total_steps})
 
+
+def run(cfg, workdir: str) -> dict:
+  """Trains as `cfg` says; returns the last step's metrics (empty if there was nothing to do)."""
+  started = time.perf_counter()
+  s = prepare(cfg, workdir)
   ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"),
                                  max_to_keep=cfg.checkpoint.max_to_keep,
                                  async_save=cfg.checkpoint.async_save)
-  meta = {"config": cfg.to_dict(), "model": dataclasses.asdict(model_cfg),
-          "tokenizer_sha256": tokenizer.sha256, "steps_per_epoch": plan.steps_per_epoch,
-          "total_steps": total_steps}
-  state, start = _restore_or_init(ckpts, trainer, cfg, meta, workdir)
-  if start >= total_steps:
-    print(f"{workdir}: training already complete ({total_steps} steps); nothing to do.")
+  try:
+    state, start = _restore_or_init(ckpts, s.trainer, cfg, s.meta, workdir)
+  except BaseException:
+    ckpts.close()
+    raise
+  if start >= s.total_steps:
+    print(f"{workdir}: training already complete ({s.total_steps} steps); nothing to do.")
     ckpts.close()
     return {}
-  end = min(total_steps, cfg.train.stop_after_steps or total_steps)
-
-  print(f"lima_jax: {trainer.num_params / 1e6:.2f}M params, {len(examples)} examples, "
-        f"{plan.steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs = {total_steps} steps, "
-        f"{rows} packed rows x {cfg.data.max_length} per step, mesh {dict(mesh.shape)}, "
-        f"{'resuming at step ' + str(start) if start else 'fresh start'}; "
-        f"set-up {time.perf_counter() - started:.1f}s", flush=True)
-  reporter = RunReporter(workdir, total_steps=total_steps, initial_step=start)
-  record = {}
+  end = min(s.total_steps, cfg.train.stop_after_steps or s.total_steps)
+  print(f"lima_jax: {s.trainer.num_params / 1e6:.2f}M params, {len(s.examples)} examples, "
+        f"{s.plan.steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs = {s.total_steps} "
+        f"steps, {s.rows} packed rows x {cfg.data.max_length} per step, mesh "
+        f"{dict(s.trainer.mesh.shape)}, {f'resuming at step {start}' if start else 'fresh start'}"
+        f"; set-up {time.perf_counter() - started:.1f}s", flush=True)
+  reporter = RunReporter(workdir, total_steps=s.total_steps, initial_step=start)
   try:
-    for step in range(start, end):
-      epoch = plan.epoch_of(step)
-      batch = data.pack_step([examples[i] for i in plan.example_ids(step)], rows,
-                             cfg.data.max_length)
-      t0 = time.perf_counter()
-      state, metrics = trainer.train_step(state, trainer.put_batch(batch))
-      metrics = jax.device_get(metrics)
-      step_time = time.perf_counter() - t0
-      tokens = int(metrics["tokens"])
-      record = {"step": step + 1, "epoch": epoch + 1, "loss": float(metrics["loss"]),
-                "lr": float(metrics["lr"]), "grad_norm": float(metrics["grad_norm"]),
-                "tokens": tokens, "step_time": step_time, "tokens_per_s": tokens / step_time}
-      reporter.step(record)
-      epoch_done = (step + 1) % plan.steps_per_epoch == 0
-      if epoch_done and dev is not None:
-        dev_metrics = dev.evaluate(trainer, state["params"])
-        reporter.scalars("dev", dev_metrics, step + 1)
-        reporter.message(f"epoch {epoch + 1}: train loss {record['loss']:.4f}, dev loss "
-                         f"{dev_metrics['loss']:.4f}, dev perplexity {dev_metrics['perplexity']:.2f}")
-      if epoch_done or step + 1 == end:
-        ckpts.save(step + 1, state, dict(meta, step=step + 1, epoch=(step + 1) / plan.steps_per_epoch))
+    record = _train_steps(s, cfg, state, range(start, end), ckpts, reporter)
   finally:
     ckpts.close()
     reporter.close()
-  print(f"lima_jax: stopped at step {end}/{total_steps}; checkpoints in {ckpts.directory}",
+  print(f"lima_jax: stopped at step {end}/{s.total_steps}; checkpoints in {ckpts.directory}",
         flush=True)
   return record
+
+
+def _train_steps(s: Setup, cfg, state, steps, ckpts, reporter) -> dict:
+  record, epoch_loss = {}, [0.0, 0.0]  # token-weighted loss sum and token count of the epoch
+  for step in steps:
+    epoch = s.plan.epoch_of(step)
+    batch = data.pack_step([s.examples[i] for i in s.plan.example_ids(step)], s.rows,
+                           cfg.data.max_length)
+    t0 = time.perf_counter()
+    state, metrics = s.trainer.train_step(state, s.trainer.put_batch(batch))
+    metrics = jax.device_get(metrics)
+    step_time = time.perf_counter() - t0
+    tokens = int(metrics["tokens"])
+    record = {"step": step + 1, "epoch": epoch + 1, "loss": float(metrics["loss"]),
+              "lr": float(metrics["lr"]), "grad_norm": float(metrics["grad_norm"]),
+              "tokens": tokens, "step_time": step_time, "tokens_per_s": tokens / step_time}
+    reporter.step(record)
+    epoch_loss = [epoch_loss[0] + record["loss"] * tokens, epoch_loss[1] + tokens]
+    epoch_done = (step + 1) % s.plan.steps_per_epoch == 0
+    if epoch_done:
+      summary = {"loss": epoch_loss[0] / max(epoch_loss[1], 1)}
+      if s.dev is not None:
+        summary.update({f"dev_{k}": v for k, v in s.dev.evaluate(s.trainer, state["params"]).items()})
+      reporter.epoch(epoch + 1, summary, step + 1)
+      epoch_loss = [0.0, 0.0]
+    if epoch_done or step + 1 == steps.stop:
+      ckpts.save(step + 1, state,
+                 dict(s.meta, step=step + 1, epoch=(step + 1) / s.plan.steps_per_epoch))
+  return record
+
+
+def _use_fake_cpu_devices(count: int) -> None:
+  try:
+    jax.config.update("jax_num_cpu_devices", count)
+  except RuntimeError:
+    pass  # JAX already started (e.g. XLA_FLAGS set the count); make_mesh checks the total
 
 
 def _restore_or_init(ckpts, trainer, cfg, meta, workdir):
   latest = ckpts.latest_step()
   if latest is None:
+    if cfg.init_from:  # pretrained weights (HF, Meta or our import); the optimizer starts fresh
+      from lima_jax.weights import pretrained  # pylint: disable=import-outside-toplevel
+      return pretrained.init_state(trainer, cfg.init_from, meta["tokenizer_sha256"]), 0
     return trainer.init(cfg.seed), 0
   saved = ckpts.read_meta(latest)
   checkpoint.check_same_model(saved, meta["model"], workdir)
@@ -168,15 +230,39 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not any(arg.startswith(("--verbosity", "-v")) for arg in sys.argv[1:]):
     logging.set_verbosity(logging.WARNING)  # library INFO logs would drown the progress bar
-  cfg = _CONFIG.value
+  cfg = load_config()
   workdir = _WORKDIR.value or cfg.workdir or default_workdir(
       config_flags.get_config_filename(flags.FLAGS["config"]))
   try:
     run(cfg, workdir)
   except LimaError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    fail(str(e))
+
+
+def parse_flags(argv):
+  """absl's parser, with bad flags reported as one line."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:  # an override names no key of the given config file
+    _unknown_config_key(e)
+  except flags.Error as e:
+    fail(f"command line: {e}")
+
+
+def load_config():
+  """The config file with its overrides applied; loading is lazy, so its errors surface here."""
+  path = config_flags.get_config_filename(flags.FLAGS["config"])
+  if not os.path.isfile(path):
+    fail(f"--config: {path}: no such file")
+  try:
+    cfg = _CONFIG.value
+    cfg.to_dict()  # a file that failed to load raises on first access
+    return cfg
+  except (AttributeError, KeyError) as e:  # an override names no config key
+    _unknown_config_key(e)
+  except (OSError, ValueError, TypeError, SyntaxError) as e:
+    fail(f"--config: {e}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
