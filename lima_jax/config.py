@@ -5,6 +5,8 @@ Config files in `configs/` start from `base_config()` and change what their setu
 `validate()` checks the values that types cannot, naming the key.
 """
 
+import importlib.util
+import os
 from importlib import resources
 
 import ml_collections
@@ -18,6 +20,16 @@ DTYPES = ("float32", "bfloat16")
 def sample_data(name: str) -> str:
   """Path of a file of the sample set that ships with the package."""
   return str(resources.files("lima_jax") / "sample_data" / name)
+
+
+def from_file(path: str) -> ml_collections.ConfigDict:
+  """Loads a config file's get_config() as `--config=path` does, for programmatic use."""
+  if not os.path.isfile(path):
+    raise LimaError(f"--config: {path}: no such file")
+  spec = importlib.util.spec_from_file_location("lima_config_file", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def base_config() -> ml_collections.ConfigDict:

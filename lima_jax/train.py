@@ -140,6 +140,8 @@ def prepare(cfg, workdir: str) -> Setup:
 def run(cfg, workdir: str) -> dict:
   """Trains as `cfg` says; returns the last step's metrics (empty if there was nothing to do)."""
   started = time.perf_counter()
+  if "://" not in workdir:
+    workdir = os.path.abspath(workdir)  # Orbax refuses relative checkpoint paths
   s = prepare(cfg, workdir)
   ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"),
                                  max_to_keep=cfg.checkpoint.max_to_keep,
@@ -241,6 +243,10 @@ def main(argv):
 
 def parse_flags(argv):
   """absl's parser, with bad flags reported as one line."""
+  for arg in argv[1:]:
+    # ml_collections loads the file while parsing overrides and fails with a page of text.
+    if arg.startswith("--config=") and not os.path.isfile(arg.split("=", 1)[1]):
+      fail(f"--config: {arg.split('=', 1)[1]}: no such file")
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:  # an override names no key of the given config file

@@ -1,0 +1,227 @@
+"""Hugging Face LLaMA directories: config.json + safetensors shards, read and written.
+
+Reading checks everything the config promises before any weight moves: the architecture, that
+every tensor is present, and each tensor's shape. Writing produces what
+`transformers.AutoModelForCausalLM.from_pretrained` loads, with the tokenizer and EOT as an added
+special token that generation stops on.
+"""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import sentencepiece as spm
+
+from lima_jax.errors import LimaError
+from lima_jax.weights import layout, safetensors_io
+
+CONFIG = "config.json"
+INDEX = "model.safetensors.index.json"
+EOT_TEXT = "<|eot|>"
+_ARCH = "LlamaForCausalLM"
+_LAYER_NAMES = {
+    "attn.wq": "self_attn.q_proj.weight", "attn.wk": "self_attn.k_proj.weight",
+    "attn.wv": "self_attn.v_proj.weight", "attn.wo": "self_attn.o_proj.weight",
+    "attn_norm.scale": "input_layernorm.weight", "mlp.gate": "mlp.gate_proj.weight",
+    "mlp.up": "mlp.up_proj.weight", "mlp.down": "mlp.down_proj.weight",
+    "mlp_norm.scale": "post_attention_layernorm.weight",
+}
+_GLOBAL_NAMES = {"embed": "model.embed_tokens.weight", "lm_head": "lm_head.weight",
+                 "final_norm.scale": "model.norm.weight"}
+
+
+def tensor_name(name: str, layer: int | None = None) -> str:
+  if layer is None:
+    return _GLOBAL_NAMES[name]
+  return f"model.layers.{layer}.{_LAYER_NAMES[name]}"
+
+
+def tensor_names(fields: dict):
+  """(our name, layer or None, HF name) for every tensor of the model, layers grouped by name."""
+  for name in layout.global_params(fields):
+    yield name, None, tensor_name(name)
+  for name in layout.LAYER_PARAMS:
+    for layer in range(fields["n_layers"]):
+      yield name, layer, tensor_name(name, layer)
+
+
+def read_config(hf_dir: str) -> tuple[dict, dict]:
+  """(model fields with the file's vocab_size, extras to carry to an export)."""
+  if not os.path.isdir(hf_dir):
+    raise LimaError(f"{hf_dir}: no such directory")
+  path = os.path.join(hf_dir, CONFIG)
+  if not os.path.isfile(path):
+    raise LimaError(f"{hf_dir}: no {CONFIG} (not a Hugging Face model directory)")
+  try:
+    with open(path, encoding="utf-8") as f:
+      c = json.load(f)
+  except (OSError, ValueError) as e:
+    raise LimaError(f"{path}: unreadable JSON ({e})") from None
+  archs = c.get("architectures")
+  if (_ARCH not in archs) if archs else c.get("model_type") != "llama":
+    raise LimaError(f"{path}: architecture {archs or c.get('model_type')} is not supported; "
+                    f"only {_ARCH}")
+
+  def need(key):
+    if key not in c:
+      raise LimaError(f"{path}: missing key '{key}'")
+    return c[key]
+
+  def refuse(key, ok, what):
+    if not ok:
+      raise LimaError(f"{path}: {key}={c.get(key)!r} is not supported ({what})")
+
+  refuse("hidden_act", c.get("hidden_act", "silu") == "silu", "LLaMA uses silu")
+  refuse("attention_bias", not c.get("attention_bias"), "LLaMA has no biases")
+  refuse("mlp_bias", not c.get("mlp_bias"), "LLaMA has no biases")
+  rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+  refuse("rope_parameters" if "rope_parameters" in c else "rope_scaling",
+         rope.get("rope_type", rope.get("type", "default")) == "default",
+         "only unscaled rotary embeddings")
+  fields = {
+      "vocab_size": need("vocab_size"), "d_model": need("hidden_size"),
+      "n_layers": need("num_hidden_layers"), "n_heads": need("num_attention_heads"),
+      "n_kv_heads": c.get("num_key_value_heads") or need("num_attention_heads"),
+      "ffn_dim": need("intermediate_size"),
+      "rope_theta": float(c.get("rope_theta", rope.get("rope_theta", 10_000.0))),
+      "norm_eps": float(c.get("rms_norm_eps", 1e-6)),
+      "tie_embeddings": bool(c.get("tie_word_embeddings", False)),
+  }
+  refuse("head_dim", c.get("head_dim") in (None, fields["d_model"] // fields["n_heads"]),
+         "must be hidden_size / num_attention_heads")
+  extras = {"max_position_embeddings": c.get("max_position_embeddings", 2048),
+            "bos_token_id": c.get("bos_token_id", 1)}
+  return fields, extras
+
+
+def _weight_files(hf_dir: str) -> list[str]:
+  index = os.path.join(hf_dir, INDEX)
+  if os.path.isfile(index):
+    try:
+      with open(index, encoding="utf-8") as f:
+        files = sorted(set(json.load(f)["weight_map"].values()))
+    except (OSError, ValueError, KeyError) as e:
+      raise LimaError(f"{index}: unreadable index ({e})") from None
+    for name in files:
+      if not os.path.isfile(os.path.join(hf_dir, name)):
+        raise LimaError(f"{hf_dir}: shard {name} listed in {INDEX} is missing")
+  else:
+    files = sorted(n for n in os.listdir(hf_dir) if n.endswith(".safetensors"))
+  if not files:
+    raise LimaError(f"{hf_dir}: no *.safetensors weights (pytorch_model.bin is not supported)")
+  return [os.path.join(hf_dir, n) for n in files]
+
+
+class HfSource:
+  """The tensors of an HF LLaMA directory as memory-mapped views in our layout."""
+
+  def __init__(self, hf_dir: str):
+    self.path = hf_dir
+    self.fields, self.extras = read_config(hf_dir)
+    self._files = safetensors_io.SafetensorsFiles(_weight_files(hf_dir))
+    shapes = layout.linear_shapes(self.fields)
+    for name, _, hf_name in tensor_names(self.fields):
+      if hf_name not in self._files:
+        raise LimaError(f"{hf_dir}: tensor {hf_name} is missing from the safetensors files")
+      if self._files.shape(hf_name) != shapes[name]:
+        raise LimaError(f"{hf_dir}: tensor {hf_name} has shape {self._files.shape(hf_name)}, "
+                        f"but {CONFIG} implies {shapes[name]}")
+
+  def tokenizer(self) -> str | None:
+    path = os.path.join(self.path, "tokenizer.model")
+    return path if os.path.isfile(path) else None
+
+  def tensor(self, name: str, layer: int | None = None) -> np.ndarray:
+    return layout.from_linear(name, self._files.get(tensor_name(name, layer)), self.fields)
+
+
+def write_dir(out_dir: str, fields: dict, fetch, *, tokenizer_path: str, eot_id: int,
+              extras: dict, dtype, shard_bytes: int = 5 << 30) -> list[str]:
+  """Writes an HF directory from our params; fetch(dotted param name) -> host array, called once
+  per param. Returns the safetensors files written."""
+  shapes = layout.linear_shapes(fields)
+  vocab = fields["vocab_size"]
+  entries, cached = [], {}
+
+  def produce(name, layer):
+    def get():
+      full = ("blocks." + name) if layer is not None else name
+      if full not in cached:
+        cached.clear()  # one param on the host at a time
+        cached[full] = fetch(full)
+      x = cached[full] if layer is None else cached[full][layer]
+      if name in layout.VOCAB_PARAMS:  # drop the padding rows past the real vocabulary
+        x = x[:vocab] if name == "embed" else x[:, :vocab]
+      return layout.to_linear(name, x)
+    return get
+
+  for name, layer, hf_name in tensor_names(fields):
+    entries.append((hf_name, shapes[name], dtype, produce(name, layer)))
+
+  # Group the tensors into shards of at most shard_bytes (a tensor never spans two files).
+  groups, size = [[]], 0
+  for entry in entries:
+    nbytes = int(np.prod(entry[1])) * np.dtype(dtype).itemsize
+    if groups[-1] and size + nbytes > shard_bytes:
+      groups.append([])
+      size = 0
+    groups[-1].append(entry)
+    size += nbytes
+  names = (["model.safetensors"] if len(groups) == 1 else
+           [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
+  os.makedirs(out_dir, exist_ok=True)
+  weight_map, total = {}, 0
+  for file_name, group in zip(names, groups):
+    safetensors_io.write(os.path.join(out_dir, file_name), group)
+    for hf_name, shape, _, _ in group:
+      weight_map[hf_name] = file_name
+      total += int(np.prod(shape)) * np.dtype(dtype).itemsize
+  if len(groups) > 1:
+    _write_json(os.path.join(out_dir, INDEX),
+                {"metadata": {"total_size": total}, "weight_map": weight_map})
+  _write_config(out_dir, fields, extras, eot_id, dtype)
+  _write_tokenizer(out_dir, tokenizer_path, eot_id)
+  return [os.path.join(out_dir, n) for n in names]
+
+
+def _write_json(path: str, obj: dict) -> None:
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")
+
+
+def _write_config(out_dir, fields, extras, eot_id, dtype) -> None:
+  theta = fields["rope_theta"]
+  bos = extras.get("bos_token_id", 1)
+  _write_json(os.path.join(out_dir, CONFIG), {
+      "architectures": [_ARCH], "model_type": "llama", "hidden_act": "silu",
+      "attention_bias": False, "mlp_bias": False,
+      "vocab_size": fields["vocab_size"], "hidden_size": fields["d_model"],
+      "intermediate_size": fields["ffn_dim"], "num_hidden_layers": fields["n_layers"],
+      "num_attention_heads": fields["n_heads"], "num_key_value_heads": fields["n_kv_heads"],
+      "head_dim": fields["d_model"] // fields["n_heads"], "rms_norm_eps": fields["norm_eps"],
+      # Both spellings: transformers 5 reads rope_parameters, older releases rope_theta.
+      "rope_theta": theta, "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+      "tie_word_embeddings": fields["tie_embeddings"],
+      "max_position_embeddings": extras.get("max_position_embeddings", 2048),
+      "bos_token_id": bos, "eos_token_id": eot_id,
+      "torch_dtype": np.dtype(dtype).name, "dtype": np.dtype(dtype).name,
+  })
+  _write_json(os.path.join(out_dir, "generation_config.json"),
+              {"bos_token_id": bos, "eos_token_id": eot_id, "pad_token_id": eot_id})
+
+
+def _write_tokenizer(out_dir: str, tokenizer_path: str, eot_id: int) -> None:
+  shutil.copyfile(tokenizer_path, os.path.join(out_dir, "tokenizer.model"))
+  sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
+  eot = {"content": EOT_TEXT, "special": True, "lstrip": False, "rstrip": False,
+         "normalized": False, "single_word": False}
+  special = {"bos_token": sp.id_to_piece(sp.bos_id()), "eos_token": EOT_TEXT,
+             "pad_token": EOT_TEXT}
+  if sp.unk_id() >= 0:
+    special["unk_token"] = sp.id_to_piece(sp.unk_id())
+  _write_json(os.path.join(out_dir, "tokenizer_config.json"), dict(
+      special, tokenizer_class="LlamaTokenizer", add_bos_token=True, add_eos_token=False,
+      added_tokens_decoder={str(eot_id): eot}, model_max_length=1 << 30))
+  _write_json(os.path.join(out_dir, "special_tokens_map.json"), special)

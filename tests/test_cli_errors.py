@@ -1,0 +1,97 @@
+"""Bad input to `python -m lima_jax.train`: one line naming the culprit, exit 2, no traceback,
+and an existing workdir's checkpoints left exactly as they were."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lima_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config.train.epochs=1", "--config.train.batch_size=32", "--config.data.max_length=64",
+        "--config.model.n_layers=1"]
+
+
+def tree_hashes(directory):
+  hashes = {}
+  for base, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(base, name)
+      with open(path, "rb") as f:
+        hashes[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+  return hashes
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """A workdir holding a finished run's checkpoints, trained with the TINY flags."""
+  path = str(tmp_path_factory.mktemp("existing"))
+  proc = subprocess.run([sys.executable, "-m", "lima_jax.train", *TINY, f"--workdir={path}"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return path
+
+
+def jsonl(tmp_path, name, lines):
+  path = tmp_path / name
+  path.write_text("".join(line + "\n" for line in lines))
+  return str(path)
+
+
+GOOD = json.dumps({"conversations": ["Hi?", "Hello."], "source": "t"})
+CASES = {
+    "missing data file": (lambda t: ["--config.data.train_path=/no/such/train.jsonl"],
+                          "/no/such/train.jsonl"),
+    "data path is a directory": (lambda t: [f"--config.data.train_path={t}"], str("data.train_path")),
+    "invalid JSON": (lambda t: [f"--config.data.train_path={jsonl(t, 'a.jsonl', [GOOD, GOOD, '{oops'])}"],
+                     "a.jsonl:3"),
+    "record without conversations": (
+        lambda t: [f"--config.data.train_path={jsonl(t, 'b.jsonl', [GOOD, json.dumps({'source': 'x'})])}"],
+        "b.jsonl:2"),
+    "non-string turn": (
+        lambda t: [f"--config.data.train_path={jsonl(t, 'c.jsonl', [json.dumps({'conversations': ['q', 7]})])}"],
+        "c.jsonl:1"),
+    "empty turn": (
+        lambda t: [f"--config.data.train_path={jsonl(t, 'd.jsonl', [GOOD, json.dumps({'conversations': ['q', '  ']})])}"],
+        "d.jsonl:2"),
+    "no usable example": (
+        lambda t: [f"--config.data.train_path={jsonl(t, 'e.jsonl', [json.dumps({'conversations': ['only a prompt']})])}"],
+        "e.jsonl"),
+    "unknown config key": (lambda t: ["--config.train.bogus=1"], "--config.train.bogus"),
+    "value of the wrong type": (lambda t: ["--config.train.epochs=many"], "--config.train.epochs"),
+    "mesh does not divide the devices": (lambda t: ["--config.mesh.data=3"], "8 devices"),
+    "non-positive batch size": (lambda t: ["--config.train.batch_size=0"], "train.batch_size"),
+    "non-positive epochs": (lambda t: ["--config.train.epochs=-1"], "train.epochs"),
+    "missing tokenizer": (lambda t: ["--config.data.tokenizer_path=/no/tok.model"], "/no/tok.model"),
+    "missing config file": (lambda t: ["--config=/no/config.py"], "/no/config.py"),
+    "another model in the workdir": (lambda t: ["--config.model.d_model=256"], "model.d_model"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_line_and_touches_nothing(case, workdir, tmp_path):
+  make_args, culprit = CASES[case]
+  before = tree_hashes(os.path.join(workdir, "checkpoints"))
+  args = make_args(tmp_path)
+  config_file = [a for a in args if a.startswith("--config=")]  # absl wants it before overrides
+  args = config_file + TINY + [a for a in args if a not in config_file]
+  proc = subprocess.run(
+      [sys.executable, "-m", "lima_jax.train", *args, f"--workdir={workdir}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  errors = [line for line in lines if line.startswith("error: ")]
+  assert errors == [lines[-1]], proc.stderr
+  assert culprit in errors[0]
+  assert tree_hashes(os.path.join(workdir, "checkpoints")) == before
+
+
+def test_flag_errors_name_the_key_in_process():
+  with pytest.raises(SystemExit) as exit_info:
+    train.fail("config train.epochs: must be positive")
+  assert exit_info.value.code == 2
