@@ -36,4 +36,7 @@ def get_config():
   c.mesh.fsdp = 2
   c.mesh.tensor = 2
   c.mesh.cpu_devices = 8
+
+  c.eval.generate_epochs = tuple(range(1, c.train.epochs + 1))  # every epoch
+  c.eval.max_new_tokens = 48
   return c

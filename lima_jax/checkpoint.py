@@ -3,11 +3,13 @@
 Each checkpoint holds the full state (params, optimizer state, step) and metadata (config, epoch,
 tokenizer hash, model shape). Restores always go through a target tree of sharded
 ShapeDtypeStructs, so a checkpoint written on one mesh loads onto any other.
+
+Orbax writes each checkpoint into a temporary directory and renames it when complete, so a run
+killed mid-write leaves the previous checkpoints intact; a checkpoint that is damaged anyway is
+skipped on restore, with a warning, in favour of the one before it.
 """
 
-import json
-
-import jax
+from absl import logging
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -30,7 +32,17 @@ class Checkpoints:
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep or None,
             enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,  # leftovers of a write that was killed
             create=True))
+    # Interval checkpoints (for preemptible machines) are kept only until a newer checkpoint is
+    # safely on disk.
+    self._interval_steps = {s for s in self.all_steps() if self._is_interval(s)}
+
+  def _is_interval(self, step: int) -> bool:
+    try:
+      return self.read_meta(step).get("kind") == "interval"
+    except Exception:  # pylint: disable=broad-except  # damaged: restore() skips it anyway
+      return False
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -38,10 +50,26 @@ class Checkpoints:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def save(self, step: int, state, meta: dict) -> None:
-    """Starts an asynchronous save; training goes on while it is written."""
-    self._manager.save(step, args=ocp.args.Composite(
-        **{STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}))
+  def save(self, step: int, state, meta: dict, *, interval: bool = False) -> None:
+    """Starts an asynchronous save; training goes on while it is written.
+
+    The previous save is finished first (Orbax does one at a time), which makes every older
+    interval checkpoint redundant: those are deleted.
+    """
+    self._manager.wait_until_finished()
+    self._drop_stale_intervals()
+    self._manager.save(step, force=True, args=ocp.args.Composite(
+        **{STATE: ocp.args.StandardSave(state),
+           META: ocp.args.JsonSave(dict(meta, kind="interval" if interval else "epoch"))}))
+    if interval:
+      self._interval_steps.add(step)
+
+  def _drop_stale_intervals(self) -> None:
+    latest = self.latest_step()
+    for step in sorted(self._interval_steps):
+      if latest is not None and step < latest:
+        self._manager.delete(step)
+        self._interval_steps.discard(step)
 
   def read_meta(self, step: int) -> dict:
     restored = self._manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
@@ -53,12 +81,40 @@ class Checkpoints:
         **{STATE: ocp.args.StandardRestore(abstract_state)}))
     return restored[STATE]
 
+  def restore_newest(self, abstract_state, check_meta=None):
+    """(state, step, meta) of the newest checkpoint that reads back whole, or None if none does.
+
+    `check_meta(meta)` may raise LimaError to refuse a workdir (e.g. another model's); that
+    error is not mistaken for damage.
+    """
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        meta = self.read_meta(step)
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("%s/%d: unreadable checkpoint metadata (%s); trying the one before",
+                        self.directory, step, _one_line(e))
+        continue
+      if check_meta is not None:
+        check_meta(meta)
+      try:
+        return self.restore(step, abstract_state), step, meta
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("%s/%d: damaged checkpoint (%s); trying the one before",
+                        self.directory, step, _one_line(e))
+    return None
+
   def wait(self) -> None:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
     self._manager.wait_until_finished()
+    self._drop_stale_intervals()
     self._manager.close()
+
+
+def _one_line(error: Exception) -> str:
+  text = " ".join(str(error).split())
+  return text[:200] + ("..." if len(text) > 200 else "")
 
 
 def check_same_model(meta: dict, model_fields: dict, where: str) -> None:
@@ -68,12 +124,3 @@ def check_same_model(meta: dict, model_fields: dict, where: str) -> None:
     if key in saved and saved[key] != value:
       raise LimaError(f"{where}: holds a checkpoint with model.{key}={saved[key]!r}, but the "
                       f"config says {value!r}; use a fresh --workdir or the same model config")
-
-
-def abstract_with_shardings(shapes, shardings):
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                      shapes, shardings)
-
-
-def to_json(obj) -> str:
-  return json.dumps(obj, sort_keys=True)

@@ -82,8 +82,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.cpu_devices = 0  # >0: pretend the CPU has this many devices (sharded runs on one host)
 
   c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.max_to_keep = 0  # 0 = keep every epoch's checkpoint
+  c.checkpoint.max_to_keep = 2  # newest full checkpoints kept for resuming; 0 = all
   c.checkpoint.async_save = True
+
+  c.eval = ml_collections.ConfigDict()
+  # LIMA chose its checkpoint among epochs 5-10 by reading dev generations. Epochs past
+  # train.epochs never come; the params of each listed epoch are kept for selection.
+  c.eval.generate_epochs = (5, 6, 7, 8, 9, 10)
+  c.eval.max_new_tokens = 2048
+
+  c.generate = ml_collections.ConfigDict()  # the paper's decoding
+  c.generate.temperature = 0.7
+  c.generate.top_p = 0.9
+  c.generate.repetition_penalty = 1.2  # CTRL-style, over the prompt and the generation
+  c.generate.max_tokens = 2048  # new tokens at most; prompt + answer also stay within max_length
+  c.generate.greedy = False
+  c.generate.seed = 0
+  c.generate.batch_size = 16  # prompts per batch, rounded up to the mesh's batch shards
   return c
 
 
@@ -123,3 +138,20 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _require(m[key] in DTYPES, f"model.{key}", f"must be one of {DTYPES}, got {m[key]!r}")
   _require(c.mesh.cpu_devices >= 0, "mesh.cpu_devices", "must be >= 0")
   _require(c.checkpoint.max_to_keep >= 0, "checkpoint.max_to_keep", "must be >= 0 (0 = all)")
+  epochs = tuple(c.eval.generate_epochs)
+  _require(all(isinstance(e, int) and e >= 1 for e in epochs), "eval.generate_epochs",
+           f"must list epoch numbers >= 1, got {epochs}")
+  _require(c.eval.max_new_tokens > 0, "eval.max_new_tokens", "must be positive")
+  for key, message in generate_problems(c.generate):
+    raise LimaError(f"config generate.{key}: {message}")
+
+
+def generate_problems(g) -> list[tuple[str, str]]:
+  """(key, message) for each bad decoding setting; the generate CLI names its flags instead."""
+  checks = [("temperature", g.temperature > 0, "must be positive (generate.greedy for arg max)"),
+            ("top_p", 0 < g.top_p <= 1, "must be in (0, 1]"),
+            ("repetition_penalty", g.repetition_penalty > 0, "must be positive (1.0 = none)"),
+            ("max_tokens", g.max_tokens > 0, "must be positive"),
+            ("seed", g.seed >= 0, "must be >= 0"),
+            ("batch_size", g.batch_size > 0, "must be positive")]
+  return [(key, message) for key, ok, message in checks if not ok]

@@ -18,9 +18,9 @@ import time
 import jax
 import ml_dtypes
 import numpy as np
-from absl import logging
 
 from lima_jax import sharding
+from lima_jax.cli import quiet_logs
 from lima_jax.errors import LimaError
 from lima_jax.model import LlamaConfig
 from lima_jax.weights import hf, layout, meta, pretrained
@@ -91,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
-  logging.set_verbosity(logging.ERROR)  # Orbax warns per restored item about step metadata
+  quiet_logs()
   started = time.perf_counter()
   try:
     if args.command == "orbax-to-hf":

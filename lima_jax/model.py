@@ -3,6 +3,7 @@
 Read top to bottom it follows the architecture: RMSNorm, rotary position embedding, grouped-query
 attention restricted to each packed example, SwiGLU feed-forward, the decoder block with dropout on
 each sub-layer's output before the residual add, a scanned stack of blocks, and the LM head.
+`Llama.extend` is the inference path of the same stack: it reads and extends a KV cache.
 
 Params carry logical axis names (`lima_jax.sharding` maps them onto the mesh); activations are
 constrained by the `constrain` callable the caller passes in, so this file knows no mesh.
@@ -109,15 +110,34 @@ class Attention(nnx.Module):
     self.wv = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), dt)
     self.wo = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), dt)
 
-  def __call__(self, x, positions, mask):
+  def _project(self, x, positions):
     dt = x.dtype
     q = jnp.einsum("btd,dnh->btnh", x, self.wq[...].astype(dt))
     k = jnp.einsum("btd,dnh->btnh", x, self.wk[...].astype(dt))
     v = jnp.einsum("btd,dnh->btnh", x, self.wv[...].astype(dt))
-    q = apply_rope(q, positions, self.cfg.rope_theta)
-    k = apply_rope(k, positions, self.cfg.rope_theta)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask)
-    return jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(dt))
+    return (apply_rope(q, positions, self.cfg.rope_theta),
+            apply_rope(k, positions, self.cfg.rope_theta), v)
+
+  def _output(self, out):
+    return jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(out.dtype))
+
+  def __call__(self, x, positions, mask):
+    q, k, v = self._project(x, positions)
+    return self._output(jax.nn.dot_product_attention(q, k, v, mask=mask))
+
+  def cached(self, x, positions, mask, cache, layer, index):
+    """Attention over a KV cache: writes this call's keys and values into layer `layer` of the
+    stacked cache at slot `index`, then attends to every slot of that layer that `mask` allows.
+
+    Only the new slots are written, so a decode step does not copy the cache.
+    """
+    q, k, v = self._project(x, positions)
+    at = (layer, 0, index, 0, 0)
+    cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k[None].astype(cache["k"].dtype), at),
+             "v": jax.lax.dynamic_update_slice(cache["v"], v[None].astype(cache["v"].dtype), at)}
+    out = jax.nn.dot_product_attention(q, cache["k"][layer].astype(q.dtype),
+                                       cache["v"][layer].astype(q.dtype), mask=mask)
+    return self._output(out), cache
 
 
 class FeedForward(nnx.Module):
@@ -161,6 +181,13 @@ class DecoderBlock(nnx.Module):
     x = x + residual_dropout(self.mlp(self.mlp_norm(x)), dropout_rate, mlp_key)
     return constrain(x, ("batch", "length", "act_embed"))
 
+  def cached(self, x, positions, mask, cache, layer, index, constrain: Constrain):
+    """The block at inference (no dropout), its attention reading and extending the KV cache."""
+    attn_out, cache = self.attn.cached(self.attn_norm(x), positions, mask, cache, layer, index)
+    x = constrain(x + attn_out, ("batch", "length", "act_embed"))
+    x = constrain(x + self.mlp(self.mlp_norm(x)), ("batch", "length", "act_embed"))
+    return x, cache
+
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -195,11 +222,7 @@ class Llama(nnx.Module):
     outputs at rate residual_dropout_top * l / (L - 1), with a key folded from l.
     """
     cfg = self.cfg
-    # Gather the table whole along 'embed' first: XLA cannot gather from an fsdp-split table
-    # into a batch-split output without replicating everything.
-    table = constrain(self.embed[...].astype(cfg.compute_dtype), ("vocab", "act_embed"))
-    x = table[tokens]
-    x = constrain(x, ("batch", "length", "act_embed"))
+    x = self._embed(tokens, constrain)
     mask = segment_causal_mask(segment_ids)
     rates = residual_dropout_rates(cfg.n_layers, cfg.residual_dropout_top)
     layer_ids = jnp.arange(cfg.n_layers)
@@ -213,7 +236,49 @@ class Llama(nnx.Module):
     if cfg.remat != "none":
       layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
     x, _ = jax.lax.scan(layer, x, (block_state, rates, layer_ids))
+    return self._logits(x)
 
+  def init_cache(self, batch: int, length: int) -> dict:
+    """An empty KV cache of `length` slots per row: {'k', 'v'} of [layers, B, S, kv_heads, hd]."""
+    cfg = self.cfg
+    shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
+
+  def extend(self, tokens, positions, cache, index, slot_valid, *,
+             constrain: Constrain = _no_constraint):
+    """Runs `tokens` [B, T] at cache slots index..index+T-1 (the prefill, or one decode step).
+
+    slot_valid [B, S] marks the slots that hold a row's tokens (False on its padding). A token
+    attends to the valid slots up to its own. Returns (logits [B, T, padded_vocab], cache).
+    """
+    length = cache["k"].shape[2]
+    x = self._embed(tokens, constrain)
+    slots = jnp.arange(length)
+    query_slots = index + jnp.arange(tokens.shape[1])
+    mask = slot_valid[:, None, None, :] & (slots <= query_slots[:, None])[None, None]
+    # A padding token sees itself, so no softmax row is empty.
+    mask = mask | (slots == query_slots[:, None])[None, None]
+    block_def, block_state = nnx.split(self.blocks)
+    names = ("layers", "batch", "length", "kv_heads", "head_dim")
+
+    def layer(carry, scanned):
+      x, cache = carry
+      state, layer_id = scanned
+      x, cache = nnx.merge(block_def, state).cached(x, positions, mask, cache, layer_id, index,
+                                                     constrain)
+      return (x, jax.tree.map(lambda c: constrain(c, names), cache)), None
+
+    (x, cache), _ = jax.lax.scan(layer, (x, cache), (block_state, jnp.arange(self.cfg.n_layers)))
+    return self._logits(x), cache
+
+  def _embed(self, tokens, constrain):
+    # Gather the table whole along 'embed' first: XLA cannot gather from an fsdp-split table
+    # into a batch-split output without replicating everything.
+    table = constrain(self.embed[...].astype(self.cfg.compute_dtype), ("vocab", "act_embed"))
+    return constrain(table[tokens], ("batch", "length", "act_embed"))
+
+  def _logits(self, x):
+    cfg = self.cfg
     x = self.final_norm(x)
     head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
     logits = jnp.einsum("btd,dv->btv", x, head.astype(cfg.compute_dtype),

@@ -10,16 +10,19 @@ checkpoint; the data order and dropout follow from the step, so the result is th
 """
 
 import dataclasses
+import importlib.util
 import os
 import sys
 import time
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from lima_jax import checkpoint, config, data, optim, sharding
+from lima_jax import checkpoint, config, data, generate, optim, sharding
+from lima_jax.cli import fail, quiet_logs, use_fake_cpu_devices
 from lima_jax.errors import LimaError
 from lima_jax.metrics import RunReporter
 from lima_jax.model import LlamaConfig
@@ -27,12 +30,6 @@ from lima_jax.train_state import Trainer
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "configs", "toy.py")
-
-
-def fail(message: str) -> None:
-  """User mistakes end here: one line on stderr, exit status 2, no traceback."""
-  print(f"error: {' '.join(message.split())}", file=sys.stderr)
-  sys.exit(2)
 
 
 def _unknown_config_key(error: Exception) -> None:
@@ -54,6 +51,9 @@ def _define_config_flag():
 _CONFIG = _define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, logs); "
                                "local or gs://. Default: config.workdir or workdir/<config name>.")
+_MULTIHOST = flags.DEFINE_boolean(
+    "multihost", None, "Join the other processes of a multi-host run (jax.distributed). "
+    "Default: when JAX_COORDINATOR_ADDRESS is set or on a Cloud TPU VM.")
 
 
 def model_config(model_section, vocab_size: int) -> LlamaConfig:
@@ -108,33 +108,70 @@ class Setup:
   rows: int
   trainer: Trainer
   meta: dict
+  generations: generate.EpochGenerations  # dev generations of eval.generate_epochs
 
 
 def prepare(cfg, workdir: str) -> Setup:
   config.validate(cfg)
   if cfg.mesh.cpu_devices:
-    _use_fake_cpu_devices(cfg.mesh.cpu_devices)
+    use_fake_cpu_devices(cfg.mesh.cpu_devices)
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
   tokenizer = data.ChatTokenizer(cfg.data.tokenizer_path)
   load = dict(max_length=cfg.data.max_length, train_on_prompt=cfg.data.train_on_prompt,
               data_dir=os.path.join(workdir, "tfds"))
-  examples = data.load_examples(cfg.data.train_path, tokenizer, what="data.train_path", **load)
-  dev_examples = (data.load_examples(cfg.data.dev_path, tokenizer, what="data.dev_path", **load)
-                  if cfg.data.dev_path else [])
+  examples, dev_examples = process_0_first(lambda: (
+      data.load_examples(cfg.data.train_path, tokenizer, what="data.train_path", **load),
+      data.load_examples(cfg.data.dev_path, tokenizer, what="data.dev_path", **load)
+      if cfg.data.dev_path else []))
 
   plan = data.EpochPlan(len(examples), cfg.train.batch_size, cfg.seed)
   total_steps = plan.steps_per_epoch * cfg.train.epochs
   model_cfg = model_config(cfg.model, tokenizer.vocab_size)
   optimizer, schedule = optim.make_optimizer(cfg.optimizer, total_steps)
+  trainer = Trainer(model_cfg, optimizer, schedule, mesh, cfg.seed)
+  meta = {"config": cfg.to_dict(), "model": dataclasses.asdict(model_cfg),
+          "tokenizer_sha256": tokenizer.sha256, "steps_per_epoch": plan.steps_per_epoch,
+          "total_steps": total_steps}
   return Setup(
       tokenizer=tokenizer, examples=examples, plan=plan, total_steps=total_steps,
       dev=DevSet(dev_examples, cfg.train.batch_size, cfg.data.max_length, mesh)
       if dev_examples else None,
-      rows=packed_rows(cfg, examples, plan, total_steps, mesh),
-      trainer=Trainer(model_cfg, optimizer, schedule, mesh, cfg.seed),
-      meta={"config": cfg.to_dict(), "model": dataclasses.asdict(model_cfg),
-            "tokenizer_sha256": tokenizer.sha256, "steps_per_epoch": plan.steps_per_epoch,
-            "total_steps": total_steps})
+      rows=packed_rows(cfg, examples, plan, total_steps, mesh), trainer=trainer, meta=meta,
+      generations=generate.EpochGenerations(cfg, trainer, tokenizer, workdir, meta))
+
+
+def process_0_first(load):
+  """load() on process 0 (which builds the TFDS copy in the workdir), then on the others once it
+  is there: builders racing on one directory would corrupt it. One process: just load()."""
+  if jax.process_count() == 1:
+    return load()
+  result = error = None
+  if jax.process_index() == 0:
+    try:
+      result = load()
+    except LimaError as e:  # reach the barrier anyway; the others meet the same error
+      error = e
+  multihost_utils.sync_global_devices("lima_jax: training data prepared")
+  if error is not None:
+    raise error
+  return result if jax.process_index() == 0 else load()
+
+
+def init_distributed(multihost: bool | None) -> None:
+  """jax.distributed.initialize() for a multi-process run, before JAX starts its backends.
+
+  None decides from the environment: a coordinator address given, or a Cloud TPU VM (the TPU
+  build of jax brings libtpu), where JAX finds the workers itself; one worker is fine too.
+  """
+  explicit = multihost or "JAX_COORDINATOR_ADDRESS" in os.environ
+  if multihost is False or not (explicit or importlib.util.find_spec("libtpu")):
+    return
+  try:
+    jax.distributed.initialize()
+  except ValueError as e:  # no cluster found: JAX raises before contacting anyone
+    if explicit:
+      raise LimaError(f"--multihost: JAX found no cluster to join ({e}); it finds one by itself "
+                      "on Cloud TPU VMs, Slurm and Open MPI") from None
 
 
 def run(cfg, workdir: str) -> dict:
@@ -166,6 +203,7 @@ def run(cfg, workdir: str) -> dict:
     record = _train_steps(s, cfg, state, range(start, end), ckpts, reporter)
   finally:
     ckpts.close()
+    s.generations.close()
     reporter.close()
   print(f"lima_jax: stopped at step {end}/{s.total_steps}; checkpoints in {ckpts.directory}",
         flush=True)
@@ -194,18 +232,12 @@ def _train_steps(s: Setup, cfg, state, steps, ckpts, reporter) -> dict:
       if s.dev is not None:
         summary.update({f"dev_{k}": v for k, v in s.dev.evaluate(s.trainer, state["params"]).items()})
       reporter.epoch(epoch + 1, summary, step + 1)
+      s.generations.at_epoch_end(epoch + 1, step + 1, state["params"])
       epoch_loss = [0.0, 0.0]
     if epoch_done or step + 1 == steps.stop:
       ckpts.save(step + 1, state,
                  dict(s.meta, step=step + 1, epoch=(step + 1) / s.plan.steps_per_epoch))
   return record
-
-
-def _use_fake_cpu_devices(count: int) -> None:
-  try:
-    jax.config.update("jax_num_cpu_devices", count)
-  except RuntimeError:
-    pass  # JAX already started (e.g. XLA_FLAGS set the count); make_mesh checks the total
 
 
 def _restore_or_init(ckpts, trainer, cfg, meta, workdir):
@@ -230,12 +262,12 @@ def default_workdir(config_path: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not any(arg.startswith(("--verbosity", "-v")) for arg in sys.argv[1:]):
-    logging.set_verbosity(logging.WARNING)  # library INFO logs would drown the progress bar
+  quiet_logs()  # library INFO logs would drown the progress bar
   cfg = load_config()
   workdir = _WORKDIR.value or cfg.workdir or default_workdir(
       config_flags.get_config_filename(flags.FLAGS["config"]))
   try:
+    init_distributed(_MULTIHOST.value)
     run(cfg, workdir)
   except LimaError as e:
     fail(str(e))

@@ -1,0 +1,34 @@
+"""LIMA's recipe on LLaMA-3-8B: lima_7b.py (batch 64 examples, residual dropout rising to 0.2 at
+the top layer, texts trimmed at 2,048 tokens) with LLaMA-3-8B's dimensions: grouped-query
+attention with 8 KV heads, RoPE theta 500,000, RMSNorm epsilon 1e-5.
+
+The vocabulary comes from the tokenizer, as for every config (128,256 tokens + EOT for
+LLaMA-3). Without one, tell the planner:
+`python -m lima_jax.plan --config=configs/llama3_8b.py --topology=v5p-8 --vocab_size=128257`.
+
+Intended slice: v5p-8 (4 chips), the state sharded over every chip (fsdp) and each layer
+recomputed in the backward pass (remat full).
+"""
+
+import os
+
+from lima_jax.config import from_file
+
+
+def get_config():
+  c = from_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "lima_7b.py"))
+
+  # LLaMA-3-8B
+  c.model.d_model = 4096
+  c.model.n_layers = 32
+  c.model.n_heads = 32
+  c.model.n_kv_heads = 8
+  c.model.ffn_dim = 14336
+  c.model.rope_theta = 500_000.0
+  c.model.norm_eps = 1e-5
+  c.model.remat = "full"
+
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+  c.mesh.tensor = 1
+  return c

@@ -1,0 +1,37 @@
+"""What every `python -m lima_jax.*` entry point shares: one-line errors and quiet start-up.
+
+User mistakes end as `error: <message>` on stderr with exit status 2 and no traceback.
+"""
+
+import argparse
+import sys
+
+import jax
+from absl import logging
+
+
+def fail(message: str) -> None:
+  """User mistakes end here: one line on stderr, exit status 2, no traceback."""
+  print(f"error: {' '.join(message.split())}", file=sys.stderr)
+  sys.exit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse whose usage errors are one line, like every other error of ours."""
+
+  def error(self, message):
+    fail(f"command line: {message}")
+
+
+def quiet_logs() -> None:
+  """Library INFO logs (Orbax, TFDS) would drown our output; -v/--verbosity brings them back."""
+  if not any(arg.startswith(("--verbosity", "-v")) for arg in sys.argv[1:]):
+    logging.set_verbosity(logging.WARNING)
+
+
+def use_fake_cpu_devices(count: int) -> None:
+  """Pretends the CPU has `count` devices; only possible before JAX starts its backends."""
+  try:
+    jax.config.update("jax_num_cpu_devices", count)
+  except RuntimeError:
+    pass  # JAX already started (e.g. XLA_FLAGS set the count); make_mesh checks the total

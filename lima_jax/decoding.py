@@ -1,0 +1,211 @@
+"""Sampling with the paper's decoding, compiled: a prefill, then a KV-cache decode loop.
+
+A batch of prompts is left-padded to one static length, so every row writes its next token to
+the same cache slot; each row keeps its own positions and a mask of the slots it really holds.
+The whole generation (prefill, the decode loop, stopping at EOT) is one jitted function on the
+training mesh, compiled once per (batch, prompt bucket, max_new, greedy).
+
+Decoding follows LIMA: CTRL's repetition penalty on every token already in the prompt or the
+generation, then temperature, then nucleus (top-p) sampling; greedy takes the arg max after the
+penalty. Each prompt draws from its own key, folded from the seed and its index in the list, so
+its sample does not depend on the batch size.
+"""
+
+import dataclasses
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from lima_jax import sharding
+
+CACHE_NAMES = ("layers", "batch", "length", "kv_heads", "head_dim")
+_MIN_BUCKET = 16  # prompt lengths round up to a power of two from here: few compiles
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoding:
+  """How to pick each token; the defaults are the paper's."""
+  temperature: float = 0.7
+  top_p: float = 0.9
+  repetition_penalty: float = 1.2
+  greedy: bool = False
+  seed: int = 0
+
+  @classmethod
+  def from_config(cls, section) -> "Decoding":
+    """From a config's `generate` section (a ConfigDict or the dict saved with a checkpoint)."""
+    return cls(**{f.name: section.get(f.name, f.default) for f in dataclasses.fields(cls)})
+
+  def settings(self) -> dict:
+    """The traced part: changing it does not recompile."""
+    return {"temperature": jnp.float32(self.temperature), "top_p": jnp.float32(self.top_p),
+            "repetition_penalty": jnp.float32(self.repetition_penalty),
+            "seed": jnp.int32(self.seed)}
+
+
+def penalize_repetition(logits, seen, penalty):
+  """CTRL: a seen token's positive logit is divided by the penalty, a negative one multiplied."""
+  penalized = jnp.where(logits > 0, logits / penalty, logits * penalty)
+  return jnp.where(seen, penalized, logits)
+
+
+def nucleus(logits, top_p):
+  """Keeps the most likely tokens whose probabilities first reach top_p (at least one)."""
+  ordered = jnp.sort(logits, axis=-1)[..., ::-1]
+  probs = jax.nn.softmax(ordered, axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  kept = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)
+  threshold = jnp.take_along_axis(ordered, jnp.maximum(kept, 1) - 1, axis=-1)
+  return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+def next_tokens(logits, seen, keys, step, settings: dict, greedy: bool):
+  """One token per row from logits [B, V]; `seen` [B, V] marks the tokens to penalize."""
+  logits = penalize_repetition(logits, seen, settings["repetition_penalty"])
+  if greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = nucleus(logits / settings["temperature"], settings["top_p"])
+  draw = lambda key, row: jax.random.categorical(jax.random.fold_in(key, step), row)
+  return jax.vmap(draw)(keys, logits).astype(jnp.int32)
+
+
+def sample_loop(step_fn: Callable, state, logits, prompt, real, limits, row_ids, settings, *,
+                max_new: int, greedy: bool, eot_id: int):
+  """The decode loop shared by the cached and the full-forward paths.
+
+  logits [B, V]: the prediction after each prompt; step_fn(state, tokens, i) feeds the tokens
+  chosen at step i - 1 and returns the next logits and state. A row stops after EOT or after
+  limits[row] tokens. Returns [B, max_new] ids, -1 after a row's end, and the steps taken.
+  """
+  batch, vocab = logits.shape
+  rows = jnp.arange(batch)[:, None]
+  seen = jnp.zeros((batch, vocab), jnp.int32).at[rows, prompt].add(real.astype(jnp.int32)) > 0
+  keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(settings["seed"]), r))(row_ids)
+
+  def emit(i, logits, seen, out, done):
+    tokens = jnp.where(done, -1, next_tokens(logits, seen, keys, i, settings, greedy))
+    seen = seen | jax.nn.one_hot(tokens, vocab, dtype=jnp.bool_)  # -1 adds nothing
+    done = done | (tokens == eot_id) | (i + 1 >= limits)
+    return tokens, seen, out.at[:, i].set(tokens), done
+
+  out = jnp.full((batch, max_new), -1, jnp.int32)
+  tokens, seen, out, done = emit(0, logits, seen, out, limits <= 0)
+
+  def body(carry):
+    i, state, tokens, seen, out, done = carry
+    logits, state = step_fn(state, jnp.maximum(tokens, 0), i)
+    return (i + 1, state) + emit(i, logits, seen, out, done)
+
+  carry = (jnp.int32(1), state, tokens, seen, out, done)
+  steps, _, _, _, out, _ = jax.lax.while_loop(
+      lambda c: (c[0] < max_new) & ~jnp.all(c[-1]), body, carry)
+  return out, steps
+
+
+def prompt_bucket(length: int) -> int:
+  return max(_MIN_BUCKET, 1 << (length - 1).bit_length())
+
+
+class Generator:
+  """Batched generation for one model on the training mesh (a `Trainer`'s graphdef and mesh)."""
+
+  def __init__(self, trainer, eot_id: int, batch_size: int):
+    self.graphdef, self.mesh, self.eot_id = trainer.graphdef, trainer.mesh, eot_id
+    ways = sharding.batch_ways(self.mesh)
+    self.batch_size = -(-batch_size // ways) * ways  # whole rows on every batch shard
+    self._constrain = sharding.constrainer(self.mesh)
+    self._rows = NamedSharding(self.mesh, sharding.spec_of(("batch",)))
+    replicated = sharding.replicated(self.mesh)
+    self._cached = jax.jit(self._generate, static_argnames=("max_new", "greedy"),
+                           out_shardings=(replicated, replicated))
+    self._full = jax.jit(self._generate_by_full_forward, static_argnames=("max_new", "greedy"),
+                         out_shardings=(replicated, replicated))
+
+  def generate(self, params, prompts: Sequence[np.ndarray], *, max_new: int, context: int,
+               decoding: Decoding, on_batch: Callable[[int], None] | None = None,
+               use_cache: bool = True) -> list[np.ndarray]:
+    """Generated ids per prompt, ending with EOT when the model stopped by itself.
+
+    A row stops at EOT, after max_new tokens, or when prompt + generation fill `context`
+    (every prompt must be shorter than it). use_cache=False recomputes the whole prefix for
+    every token: the reference the cache is checked and benchmarked against.
+    """
+    lengths = [len(p) for p in prompts]
+    if not prompts or min(lengths) < 1 or max(lengths) >= context:
+      raise ValueError(f"prompt lengths must be in [1, {context}), got {lengths}")
+    prompt_len = prompt_bucket(max(lengths))
+    max_new = max(1, min(max_new, context - min(lengths)))
+    run = self._cached if use_cache else self._full
+    results = []
+    for start in range(0, len(prompts), self.batch_size):
+      chunk = prompts[start:start + self.batch_size]
+      inputs = self._batch(chunk, start, prompt_len, max_new, context, left=use_cache)
+      out, _ = run(params, *inputs, decoding.settings(), max_new=max_new, greedy=decoding.greedy)
+      out = np.asarray(jax.device_get(out))
+      results += [row[:np.argmax(row < 0)] if (row < 0).any() else row for row in out[:len(chunk)]]
+      if on_batch:
+        on_batch(len(chunk))
+    return results
+
+  def _batch(self, chunk, first_row, prompt_len, max_new, context, left):
+    """Host arrays of one batch, padded to full size; filler rows have a limit of 0 tokens."""
+    tokens = np.zeros((self.batch_size, prompt_len), np.int32)
+    lengths = np.ones(self.batch_size, np.int32)
+    limits = np.zeros(self.batch_size, np.int32)
+    for row, ids in enumerate(chunk):
+      lengths[row] = len(ids)
+      if left:
+        tokens[row, prompt_len - len(ids):] = ids
+      else:
+        tokens[row, :len(ids)] = ids
+      limits[row] = min(max_new, context - len(ids))
+    row_ids = first_row + np.arange(self.batch_size, dtype=np.int32)
+    put = lambda x, sh: jax.make_array_from_callback(x.shape, sh, lambda index: x[index])
+    return (put(tokens, sharding.batch_sharding(self.mesh)), put(lengths, self._rows),
+            put(limits, self._rows), put(row_ids, self._rows))
+
+  def _generate(self, params, tokens, lengths, limits, row_ids, settings, *, max_new, greedy):
+    model = nnx.merge(self.graphdef, params)
+    batch, prompt_len = tokens.shape
+    pad = prompt_len - lengths
+    slot_valid = jnp.arange(prompt_len + max_new)[None, :] >= pad[:, None]
+    positions = jnp.maximum(jnp.arange(prompt_len)[None, :] - pad[:, None], 0)
+    cache = jax.tree.map(lambda c: self._constrain(c, CACHE_NAMES),
+                         model.init_cache(batch, prompt_len + max_new))
+    logits, cache = model.extend(tokens, positions, cache, 0, slot_valid,
+                                 constrain=self._constrain)
+
+    def step(cache, chosen, i):
+      logits, cache = model.extend(chosen[:, None], (lengths + i - 1)[:, None], cache,
+                                   prompt_len + i - 1, slot_valid, constrain=self._constrain)
+      return logits[:, 0], cache
+
+    return sample_loop(step, cache, logits[:, -1], tokens, slot_valid[:, :prompt_len], limits,
+                       row_ids, settings, max_new=max_new, greedy=greedy, eot_id=self.eot_id)
+
+  def _generate_by_full_forward(self, params, tokens, lengths, limits, row_ids, settings, *,
+                                max_new, greedy):
+    """No cache: every step runs the training forward over the whole right-padded buffer."""
+    model = nnx.merge(self.graphdef, params)
+    batch, prompt_len = tokens.shape
+    rows = jnp.arange(batch)
+    slots = jnp.arange(prompt_len + max_new)
+    positions = jnp.broadcast_to(slots, (batch, len(slots)))
+
+    def logits_at(buffer, filled):
+      segment_ids = (slots[None, :] < filled[:, None]).astype(jnp.int32)
+      logits = model(buffer, positions, segment_ids, constrain=self._constrain)
+      return logits[rows, filled - 1]
+
+    def step(buffer, chosen, i):
+      buffer = buffer.at[rows, lengths + i - 1].set(chosen)
+      return logits_at(buffer, lengths + i), buffer
+
+    buffer = jnp.pad(tokens, ((0, 0), (0, max_new)))
+    real = slots[None, :prompt_len] < lengths[:, None]
+    return sample_loop(step, buffer, logits_at(buffer, lengths), tokens, real, limits, row_ids,
+                       settings, max_new=max_new, greedy=greedy, eot_id=self.eot_id)

@@ -1,0 +1,276 @@
+"""`python -m lima_jax.plan`: does the run fit the slice, and how long will it take? Before renting.
+
+  python -m lima_jax.plan --config=configs/lima_65b.py --topology=v5p-32 --num_examples=1000
+  python -m lima_jax.plan --config=configs/lima_7b.py --topology=v5e-16 --json
+
+Builds the real train step (the trainer's model, optimizer, shardings and packed batch shape) with
+abstract inputs on a fake CPU mesh of the topology's device count, AOT-compiles it and reads XLA's
+memory analysis: nothing the size of the model is ever allocated. Reports the step count, the LR at
+each epoch's end, the dropout rate per layer, bytes per device against the chip's HBM and the
+compute time at a stated MFU. Exit status 0 when the run fits, 1 when it does not (with what to
+change), 2 for bad input. `--config.KEY=VALUE` overrides work as in `lima_jax.train`.
+"""
+
+import json
+import math
+import sys
+import tempfile
+import time
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from lima_jax import config, data, optim, sharding, topology, train
+from lima_jax.cli import fail, quiet_logs, use_fake_cpu_devices
+from lima_jax.errors import LimaError
+from lima_jax.model import residual_dropout_rates
+from lima_jax.train_state import BATCH_KEYS, Trainer
+
+LIMA_EXAMPLES = 1000
+LIMA_AVG_TOKENS = 750  # the LIMA training set's mean conversation length in LLaMA tokens
+LLAMA_VOCAB = 32_001  # LLaMA-1/2's 32,000 pieces + EOT, when no tokenizer is given
+
+_TOPOLOGY = flags.DEFINE_string("topology", None, "v4-N, v5e-N (v5litepod-N), v5p-N, v6e-N or "
+                                "cpu:N.")
+_NUM_EXAMPLES = flags.DEFINE_integer(
+    "num_examples", None, "Training examples. Default: those of data.train_path when it is set, "
+    f"else LIMA's {LIMA_EXAMPLES}.")
+_AVG_TOKENS = flags.DEFINE_integer(
+    "avg_tokens", LIMA_AVG_TOKENS, "Assumed mean tokens per example, for the packed row count "
+    "when it is not known from data (data.rows_per_step or data.train_path).")
+_VOCAB = flags.DEFINE_integer("vocab_size", 0, "Vocabulary with EOT. Default: from "
+                              f"data.tokenizer_path when set, else {LLAMA_VOCAB:,} (LLaMA).")
+_MFU = flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the step time.")
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the report.")
+
+
+def plan_run(cfg, topo: topology.Topology, *, num_examples: int | None = None,
+             avg_tokens: int = LIMA_AVG_TOKENS, vocab_size: int = 0, mfu: float = 0.4) -> dict:
+  """Everything the report says, as one JSON-ready dict; raises LimaError for bad input.
+
+  Runs on the first `topo.devices` CPU devices of this process, which must have that many.
+  """
+  _validate(cfg)
+  devices = _fake_devices(topo.devices)
+  mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
+  tokenizer = data.ChatTokenizer(cfg.data.tokenizer_path) if cfg.data.tokenizer_path else None
+  vocab = vocab_size or (tokenizer.vocab_size if tokenizer else LLAMA_VOCAB)
+  examples = None
+  if num_examples is None and cfg.data.train_path:
+    examples = _load_examples(cfg, tokenizer)
+    num_examples = len(examples)
+  num_examples = num_examples or LIMA_EXAMPLES
+
+  epochs = data.EpochPlan(num_examples, cfg.train.batch_size, cfg.seed)
+  total_steps = epochs.steps_per_epoch * cfg.train.epochs
+  optimizer, schedule = optim.make_optimizer(cfg.optimizer, total_steps)
+  trainer = Trainer(train.model_config(cfg.model, vocab), optimizer, schedule, mesh, cfg.seed)
+  rows, rows_source = _rows(cfg, examples, epochs, total_steps, mesh, avg_tokens)
+
+  started = time.perf_counter()
+  compiled = trainer.train_step.lower(trainer.abstract_state,
+                                      _abstract_batch(trainer, rows, cfg.data.max_length)).compile()
+  compile_s = time.perf_counter() - started
+  memory = compiled.memory_analysis()
+  # Donated state: the outputs reuse the arguments' buffers (alias), so count them once.
+  used = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+          + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
+  flops = _model_flops(trainer, rows, cfg.data.max_length)
+  step_s = (flops / (topo.devices * topo.peak_flops * mfu)) if topo.peak_flops else None
+  return {
+      "topology": topo.name, "chip": topo.chip, "devices": topo.devices,
+      "mesh": dict(mesh.shape), "remat": cfg.model.remat, "compute_dtype": cfg.model.compute_dtype,
+      "params": trainer.num_params, "vocab_size": vocab,
+      "num_examples": num_examples, "batch_size": cfg.train.batch_size,
+      "steps_per_epoch": epochs.steps_per_epoch, "epochs": cfg.train.epochs,
+      "total_steps": total_steps,
+      "lr_at_epoch_end": [float(schedule((e + 1) * epochs.steps_per_epoch))
+                          for e in range(cfg.train.epochs)],
+      "dropout_per_layer": [round(float(p), 6) for p in residual_dropout_rates(
+          cfg.model.n_layers, cfg.model.residual_dropout_top)],
+      "rows_per_step": rows, "rows_source": rows_source, "max_length": cfg.data.max_length,
+      "batch_shards": sharding.batch_ways(mesh),
+      "argument_bytes": memory.argument_size_in_bytes, "output_bytes": memory.output_size_in_bytes,
+      "alias_bytes": memory.alias_size_in_bytes, "temp_bytes": memory.temp_size_in_bytes,
+      "bytes_per_device": used, "hbm_bytes_per_device": topo.hbm_bytes,
+      "fits": used <= topo.hbm_bytes,
+      "flops_per_step": flops, "mfu": mfu, "step_time_s": step_s,
+      "compute_time_s": None if step_s is None else step_s * total_steps,
+      "compile_s": compile_s,
+  }
+
+
+def _validate(cfg) -> None:
+  """The config checks of a training run, less the data paths a plan does without."""
+  checked = cfg.copy_and_resolve_references()
+  for key in ("train_path", "tokenizer_path"):
+    checked.data[key] = checked.data[key] or "(not needed to plan)"
+  config.validate(checked)
+  if cfg.data.train_path and not cfg.data.tokenizer_path:
+    raise LimaError("data.tokenizer_path: is empty; planning from data.train_path needs the "
+                    "tokenizer (or pass --num_examples)")
+
+
+def _fake_devices(count: int) -> list:
+  """`count` of this process's CPU devices (the CLI asks JAX for exactly that many)."""
+  devices = jax.devices("cpu")
+  if len(devices) < count:
+    raise LimaError(f"--topology: needs {count} fake CPU devices, but JAX already started with "
+                    f"{len(devices)} in this process; run the plan in a fresh process")
+  return devices[:count]
+
+
+def _load_examples(cfg, tokenizer) -> list:
+  with tempfile.TemporaryDirectory() as tmp:  # the TFDS copy is thrown away
+    return data.load_examples(cfg.data.train_path, tokenizer, max_length=cfg.data.max_length,
+                              train_on_prompt=cfg.data.train_on_prompt, data_dir=tmp)
+
+
+def _rows(cfg, examples, epochs, total_steps, mesh, avg_tokens) -> tuple[int, str]:
+  """Packed rows per step as training will use them, and where the number came from."""
+  if cfg.data.rows_per_step or examples is not None:
+    rows = train.packed_rows(cfg, examples, epochs, total_steps, mesh)
+    return rows, ("data.rows_per_step" if cfg.data.rows_per_step
+                  else "the worst step of data.train_path")
+  if avg_tokens < 1:
+    raise LimaError(f"--avg_tokens: must be positive, got {avg_tokens}")
+  ways = sharding.batch_ways(mesh)
+  needed = math.ceil(cfg.train.batch_size * min(avg_tokens, cfg.data.max_length)
+                     / cfg.data.max_length)
+  return -(-needed // ways) * ways, (
+      f"assumed: {cfg.train.batch_size} examples x ~{avg_tokens} tokens / {cfg.data.max_length} "
+      f"= {needed} rows, rounded up to the {ways} batch shards; the real count depends on the "
+      "data (set data.rows_per_step, or data.train_path to count it)")
+
+
+def _abstract_batch(trainer: Trainer, rows: int, length: int) -> dict:
+  empty = data.pack_step([], 1, length)  # the dtypes training feeds
+  return {k: jax.ShapeDtypeStruct((rows, length), empty[k].dtype, sharding=trainer.batch_sharding)
+          for k in BATCH_KEYS}
+
+
+def _model_flops(trainer: Trainer, rows: int, length: int) -> float:
+  """Model FLOPs of one step over every packed position (padding included: it is computed).
+
+  6 per matmul weight per token (forward + backward) plus the attention scores, as in the usual
+  MFU definition; remat's recomputation is not counted. XLA's cost analysis is not used: it
+  counts the scanned layer once, not once per layer.
+  """
+  cfg = trainer.model_cfg
+  params = trainer.abstract_state["params"]
+  matmul = trainer.num_params - (0 if cfg.tie_embeddings else params["embed"].size)
+  tokens = rows * length
+  return 6.0 * matmul * tokens + 12.0 * cfg.n_layers * cfg.d_model * length * tokens
+
+
+def advice(report: dict, cfg, topo: topology.Topology) -> list[str]:
+  """What to change when the run does not fit, most effective first."""
+  total = report["bytes_per_device"] * report["devices"]
+  need = math.ceil(total / topo.hbm_bytes)
+  bigger = topology.slice_for(topo, need)
+  tips = [f"more fsdp: the step needs about {_bytes(total)} over the slice, so about {need} "
+          f"devices of {_bytes(topo.hbm_bytes)}"
+          + (f" (e.g. --topology={bigger})" if bigger else "")]
+  if cfg.mesh.data != 1 or cfg.mesh.tensor != 1:
+    tips.append(f"shard the state over more devices: --config.mesh.fsdp=-1 with "
+                f"--config.mesh.data=1 (now data={cfg.mesh.data}, tensor={cfg.mesh.tensor}); "
+                "the state is replicated over 'data'")
+  if cfg.model.remat != "full":
+    tips.append(f"--config.model.remat=full (now {cfg.model.remat}): recompute each layer in "
+                "the backward pass instead of keeping its activations")
+  ways = report["batch_shards"]
+  if report["rows_per_step"] > ways:
+    tips.append(f"fewer packed rows: {report['rows_per_step']} rows of {report['max_length']} "
+                f"per step ({report['rows_per_step'] // ways} per batch shard); a smaller "
+                "train.batch_size or data.max_length, or data.rows_per_step if the data allows")
+  return tips
+
+
+def _bytes(n: float) -> str:
+  return f"{n / topology.GIB:.2f} GiB" if n >= topology.GIB / 10 else f"{n / 2**20:.1f} MiB"
+
+
+def _count(n: float) -> str:
+  return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def render(report: dict, config_name: str) -> str:
+  lines = [
+      f"lima_jax plan: {config_name} on {report['topology']} ({report['devices']} x "
+      f"{report['chip']}, {_bytes(report['hbm_bytes_per_device'])} each)",
+      f"  model     {_count(report['params'])} params (vocabulary {report['vocab_size']:,} "
+      f"with EOT), remat {report['remat']}, compute {report['compute_dtype']}",
+      "  mesh      " + " ".join(f"{k}={v}" for k, v in report["mesh"].items()),
+      f"  steps     {report['num_examples']:,} examples, batch {report['batch_size']}: "
+      f"{report['steps_per_epoch']} steps/epoch x {report['epochs']} epochs = "
+      f"{report['total_steps']} steps",
+      f"  rows      {report['rows_per_step']} packed rows x {report['max_length']} tokens per "
+      f"step ({report['rows_source']})",
+      "  lr        at each epoch's end: "
+      + ", ".join(f"{lr:.3g}" for lr in report["lr_at_epoch_end"]),
+      f"  dropout   per layer ({len(report['dropout_per_layer'])} layers, bottom to top):",
+  ]
+  rates = report["dropout_per_layer"]
+  lines += ["            " + " ".join(f"{p:.3f}" for p in rates[i:i + 10])
+            for i in range(0, len(rates), 10)]
+  used, hbm = report["bytes_per_device"], report["hbm_bytes_per_device"]
+  outputs = report["output_bytes"] - report["alias_bytes"]
+  lines.append(
+      f"  memory    per device: {_bytes(report['argument_bytes'])} arguments + "
+      f"{_bytes(outputs)} outputs not aliased to them + {_bytes(report['temp_bytes'])} "
+      f"temporaries = {_bytes(used)} of {_bytes(hbm)} HBM "
+      f"({100 * used / hbm:.0f}%): {'fits' if report['fits'] else 'DOES NOT FIT'}")
+  tflop = report["flops_per_step"] / 1e12
+  compute = f"  compute   {tflop:,.0f} TFLOP" if tflop >= 100 else f"  compute   {tflop:.3g} TFLOP"
+  compute += " per step (model FLOPs)"
+  if report["step_time_s"] is not None:
+    compute += (f"; at {100 * report['mfu']:.0f}% MFU {report['step_time_s']:.2f} s per step, "
+                f"{report['compute_time_s'] / 60:.1f} min for {report['total_steps']} steps "
+                "(compute only: weight loading, compiling and checkpoints come on top)")
+  lines.append(compute)
+  lines.append(f"  compiled  for {report['devices']} fake CPU devices in "
+               f"{report['compile_s']:.1f} s (XLA:CPU's buffer assignment; a TPU compile may "
+               "differ somewhat)")
+  return "\n".join(lines)
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  quiet_logs()
+  # The plan compiles for fake CPU devices even on a TPU host.
+  jax.config.update("jax_platforms", "cpu")
+  if not _TOPOLOGY.value:
+    fail("--topology: required, e.g. --topology=v5p-32 (v4-N, v5e-N, v5p-N, v6e-N, cpu:N)")
+  cfg = train.load_config()
+  name = config_flags.get_config_filename(flags.FLAGS["config"])
+  try:
+    topo = topology.parse(_TOPOLOGY.value)
+    use_fake_cpu_devices(topo.devices)
+    if _NUM_EXAMPLES.value is not None and _NUM_EXAMPLES.value < 1:
+      raise LimaError(f"--num_examples: must be positive, got {_NUM_EXAMPLES.value}")
+    if _VOCAB.value < 0:
+      raise LimaError(f"--vocab_size: must be positive (0 = from the tokenizer), got {_VOCAB.value}")
+    if not 0 < _MFU.value <= 1:
+      raise LimaError(f"--mfu: must be in (0, 1], got {_MFU.value}")
+    report = plan_run(cfg, topo, num_examples=_NUM_EXAMPLES.value, avg_tokens=_AVG_TOKENS.value,
+                      vocab_size=_VOCAB.value, mfu=_MFU.value)
+    tips = [] if report["fits"] else advice(report, cfg, topo)
+  except LimaError as e:
+    fail(str(e))
+  report["config"] = name
+  if _JSON.value:
+    print(json.dumps(dict(report, advice=tips)))
+  else:
+    print(render(report, name))
+  if tips:
+    print(f"error: the run does not fit {topo.name}: {_bytes(report['bytes_per_device'])} per "
+          f"device, the chip has {_bytes(topo.hbm_bytes)}. Change one of:", file=sys.stderr)
+    for tip in tips:
+      print(f"  - {tip}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=train.parse_flags)

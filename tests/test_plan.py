@@ -1,0 +1,117 @@
+"""`python -m lima_jax.plan`: the real train step compiled for a topology's fake devices."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lima_jax import config, plan, topology
+from lima_jax.errors import LimaError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def preset(name):
+  return config.from_file(os.path.join(ROOT, "configs", f"{name}.py"))
+
+
+def small_lima():
+  """lima_65b's recipe on a model small enough to compile in seconds."""
+  cfg = preset("lima_65b")
+  cfg.model.d_model, cfg.model.n_layers, cfg.model.n_heads = 256, 4, 4
+  cfg.model.n_kv_heads, cfg.model.ffn_dim = 4, 512
+  cfg.data.max_length = 1024
+  return cfg
+
+
+def test_topology_names_count_chips():
+  assert [topology.parse(n).devices for n in ("v4-8", "v4-128", "v5p-32", "v5e-16",
+                                              "v5litepod-8", "v6e-4", "cpu:8")] == [4, 64, 16, 16,
+                                                                                    8, 4, 8]
+  assert topology.parse("v5p-32").hbm_bytes == 95 * topology.GIB
+  assert topology.parse("v5litepod-8").name == "v5e-8"
+  for bad in ("v4-12", "v5e-2", "v9-8", "v5p", "cpu:0", "gpu:8"):
+    with pytest.raises(LimaError, match="--topology"):
+      topology.parse(bad)
+  assert topology.slice_for(topology.parse("v4-8"), 41) == "v4-128"
+  assert topology.slice_for(topology.parse("v5e-4"), 5) == "v5e-8"
+
+
+@pytest.mark.parametrize("name, dims", [
+    ("lima_13b", (5120, 40, 40, 40, 13824, 10_000.0, 1e-6)),
+    ("lima_33b", (6656, 60, 52, 52, 17920, 10_000.0, 1e-6)),
+    ("llama2_7b", (4096, 32, 32, 32, 11008, 10_000.0, 1e-5)),
+    ("llama3_8b", (4096, 32, 32, 8, 14336, 500_000.0, 1e-5)),
+])
+def test_presets_smaller_than_65b_follow_the_paper(name, dims):
+  cfg = preset(name)
+  m = cfg.model
+  assert (m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.ffn_dim, m.rope_theta,
+          m.norm_eps) == dims
+  assert (cfg.train.batch_size, m.residual_dropout_top, cfg.train.epochs) == (64, 0.2, 15)
+  assert cfg.data.max_length == (4096 if name == "llama2_7b" else 2048)
+  assert m.remat in config.REMAT_POLICIES and cfg.mesh.fsdp == -1
+  plan._validate(cfg)  # pylint: disable=protected-access
+
+
+def test_lima_recipe_counts_steps_lr_and_dropout():
+  report = plan.plan_run(small_lima(), topology.parse("cpu:8"), num_examples=1000)
+  assert report["params"] > 0 and report["fits"]
+  assert (report["steps_per_epoch"], report["total_steps"]) == (32, 480)
+  lrs = report["lr_at_epoch_end"]
+  assert len(lrs) == 15 and lrs[-1] == pytest.approx(1e-6) and lrs[0] == pytest.approx(9.4e-6)
+  assert report["dropout_per_layer"] == pytest.approx([0.0, 0.1, 0.2, 0.3])
+  # 32 examples x ~750 tokens fill 24 rows of 1024 (a multiple of the 8 batch shards).
+  assert report["rows_per_step"] == 24 and report["rows_source"].startswith("assumed")
+  assert 0 < report["bytes_per_device"] <= report["hbm_bytes_per_device"]
+  assert report["bytes_per_device"] >= report["argument_bytes"] + report["temp_bytes"]
+  assert report["step_time_s"] is None  # no peak FLOP/s for a CPU
+
+
+def test_a_dimension_that_does_not_divide_its_mesh_axis_is_refused():
+  cfg = preset("lima_33b")  # 52 heads
+  cfg.mesh.fsdp, cfg.mesh.tensor = 1, 8
+  with pytest.raises(LimaError, match=r"model\.n_(kv_)?heads.*52.*tensor=8"):
+    plan.plan_run(cfg, topology.parse("cpu:8"), num_examples=1000)
+
+
+def test_65b_does_not_fit_a_v4_8_and_the_advice_says_what_to_change():
+  cfg = preset("lima_65b")
+  topo = topology.parse("v4-8")
+  report = plan.plan_run(cfg, topo, num_examples=1000)
+  assert not report["fits"] and report["bytes_per_device"] > 32 * topology.GIB
+  tips = plan.advice(report, cfg, topo)
+  assert "more fsdp" in tips[0] and "--topology=v4-" in tips[0]
+  assert any("packed rows" in tip for tip in tips)
+
+
+def test_a_topology_larger_than_the_started_backend_is_refused():
+  with pytest.raises(LimaError, match="fresh process"):
+    plan.plan_run(small_lima(), topology.parse("cpu:16"), num_examples=1000)
+
+
+def test_cli_plans_65b_on_v5p_32_as_json():
+  env = dict(os.environ, XLA_FLAGS="")  # the plan sets its own device count
+  result = subprocess.run(
+      [sys.executable, "-m", "lima_jax.plan", "--config=configs/lima_65b.py",
+       "--topology=v5p-32", "--num_examples=1000", "--json"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout)
+  assert report["fits"] and report["devices"] == 16
+  assert (report["steps_per_epoch"], report["total_steps"]) == (32, 480)
+  assert report["params"] == pytest.approx(65.3e9, rel=0.01)
+  assert len(report["lr_at_epoch_end"]) == 15 and len(report["dropout_per_layer"]) == 80
+  assert report["dropout_per_layer"][-1] == pytest.approx(0.3)
+  assert report["hbm_bytes_per_device"] == 95 * topology.GIB
+  assert report["step_time_s"] > 0
+
+
+def test_cli_errors_are_one_line():
+  result = subprocess.run([sys.executable, "-m", "lima_jax.plan", "--topology=v5p-33"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      "error: --topology: v5p-33: v5p slices come in sizes a multiple of 8"]

@@ -1,0 +1,144 @@
+"""Dev generations during training, the selection report, choosing an epoch, and the CLIs'
+one-line errors, on a short toy run."""
+
+import html.parser
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lima_jax import config, run_files, select, train
+from lima_jax.prompts import read_jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EPOCHS = 3
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """A toy run of 3 epochs x 3 steps that keeps one full checkpoint: the params of the other
+  generation epochs survive only as exports."""
+  path = str(tmp_path_factory.mktemp("run"))
+  cfg = config.from_file(os.path.join(ROOT, "configs", "toy.py"))
+  cfg.data.max_length = 128
+  cfg.train.batch_size, cfg.train.epochs = 32, EPOCHS
+  cfg.model.d_model, cfg.model.n_layers, cfg.model.ffn_dim = 64, 2, 128
+  cfg.checkpoint.max_to_keep = 1
+  cfg.eval.max_new_tokens = 16
+  train.run(cfg, path)
+  return path
+
+
+def cli(module, *args):
+  proc = subprocess.run([sys.executable, "-m", f"lima_jax.{module}", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+  return proc
+
+
+def write(path, lines):
+  path.write_text("".join(line + "\n" for line in lines))
+  return str(path)
+
+
+def test_every_epoch_keeps_its_generations_and_params(workdir):
+  assert run_files.generated_epochs(workdir) == [1, 2, 3]
+  per_epoch = [read_jsonl(run_files.generations_path(workdir, e)) for e in (1, 2, 3)]
+  lines = [r["line"] for r in per_epoch[0]]
+  assert lines and all([r["line"] for r in records] == lines for records in per_epoch)
+  for record in per_epoch[-1]:
+    assert {"prompt", "generation", "source", "tokens", "stopped"} <= set(record)
+    assert record["tokens"] <= 16 and record["stopped"] in ("eot", "length")
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == [str(3 * EPOCHS)]
+  kept = run_files.kept_epochs(workdir)
+  assert sorted(kept) == [1, 2, 3] and {k.step for k in kept.values()} == {3, 6, 9}
+
+
+class _Report(html.parser.HTMLParser):
+  """The parts of report.html the test checks: cells per epoch, plots, series, text."""
+
+  def __init__(self):
+    super().__init__()
+    self.cells, self.svgs, self.series, self.text = [], 0, [], []
+
+  def handle_starttag(self, tag, attrs):
+    attrs = dict(attrs)
+    if "data-epoch" in attrs:
+      self.cells.append(int(attrs["data-epoch"]))
+    self.svgs += tag == "svg"
+    if tag == "polyline":
+      self.series.append(attrs["data-name"])
+
+  def handle_data(self, data):
+    self.text.append(data)
+
+
+def test_select_writes_a_report_of_every_epoch_with_plots(workdir):
+  proc = cli("select", f"--workdir={workdir}")
+  assert proc.returncode == 0, proc.stderr
+  report = _Report()
+  with open(os.path.join(workdir, "report.html"), encoding="utf-8") as f:
+    report.feed(f.read())
+  text = "".join(report.text)
+  words = " ".join(text.split())  # HTML turns carriage returns into newlines
+  generations = {e: read_jsonl(run_files.generations_path(workdir, e)) for e in (1, 2, 3)}
+  prompts = len(generations[1])
+  assert sorted(report.cells) == sorted([1, 2, 3] * prompts)  # side by side, per prompt
+  for records in generations.values():
+    for record in records:
+      assert " ".join(record["generation"].split()) in words and record["prompt"] in text
+  assert report.svgs == 3
+  assert {"train loss (step)", "train loss (epoch mean)", "dev loss", "dev perplexity",
+          "lr"} <= set(report.series)
+  assert f"python -m lima_jax.select --workdir={workdir} --choose=E" in text
+  with open(os.path.join(workdir, "report.md"), encoding="utf-8") as f:
+    markdown = f.read()
+  assert markdown.count("**Epoch 3") == prompts and "![loss](report_loss.svg)" in markdown
+  assert os.path.isfile(os.path.join(workdir, "report_loss.svg"))
+
+
+def test_choose_records_the_epoch_and_exports_it(workdir, capsys):
+  out = os.path.join(workdir, "export", "epoch_2")
+  select.main([f"--workdir={workdir}", "--choose=2"])
+  assert "chose epoch 2" in capsys.readouterr().out
+  with open(os.path.join(workdir, "chosen.json")) as f:
+    chosen = json.load(f)
+  assert chosen["epoch"] == 2 and chosen["step"] == 6 and chosen["export"] == out
+  assert {"config.json", "tokenizer.model"} <= set(os.listdir(out))
+  assert any(name.endswith(".safetensors") for name in os.listdir(out))
+  with open(os.path.join(workdir, "report.html"), encoding="utf-8") as f:
+    assert "Chosen: epoch 2" in f.read()
+
+
+def test_generate_cli_answers_a_prompts_file(workdir, tmp_path):
+  prompts = write(tmp_path / "prompts.jsonl", [
+      json.dumps({"conversations": ["Say hello."], "source": "test"}),
+      json.dumps({"conversations": ["Hi", "Hello!", "Name a colour."], "source": "multi"})])
+  out = str(tmp_path / "answers.jsonl")
+  proc = cli("generate", f"--workdir={workdir}", "--epoch=1", f"--prompts={prompts}",
+             f"--out={out}", "--greedy", "--max_tokens=8")
+  assert proc.returncode == 0, proc.stderr
+  records = read_jsonl(out)
+  assert [r["source"] for r in records] == ["test", "multi"]
+  assert records[1]["history"] == ["Hi", "Hello!"] and records[1]["prompt"] == "Name a colour."
+  assert all(r["tokens"] <= 8 for r in records)
+
+
+@pytest.mark.parametrize("case", ["empty", "malformed", "too_long", "no_params", "choose"])
+def test_bad_input_is_a_one_line_error(workdir, tmp_path, case):
+  good = json.dumps({"conversations": ["Say hello."]})
+  files = {"empty": [], "malformed": [good, '{"conversations": ["unclosed"'],
+           "too_long": [json.dumps({"conversations": ["word " * 400]})]}
+  prompts = write(tmp_path / "p.jsonl", files.get(case, [good]))
+  expected = {"empty": f"{prompts}: no records", "malformed": f"{prompts}:2: invalid JSON",
+              "too_long": f"{prompts}:1: the prompt is", "no_params": "--epoch=7",
+              "choose": "--choose=7"}[case]
+  if case == "choose":
+    proc = cli("select", f"--workdir={workdir}", "--choose=7")
+  else:
+    proc = cli("generate", f"--workdir={workdir}", "--epoch=7" if case == "no_params" else
+               "--epoch=3", f"--prompts={prompts}", f"--out={tmp_path / 'out.jsonl'}")
+  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+  assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
