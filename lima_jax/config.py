@@ -50,6 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.batch_size = 32  # examples per optimizer step (LIMA: 32 for 65B, 64 for smaller)
   c.train.epochs = 15
   c.train.stop_after_steps = 0  # stop (with a checkpoint) after this step; the schedule is unchanged
+  c.train.max_bad_steps = 0  # non-finite steps skipped before the run stops (0 = stop at the first)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 1e-5
@@ -84,6 +85,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.max_to_keep = 2  # newest full checkpoints kept for resuming; 0 = all
   c.checkpoint.async_save = True
+  # For preemptible machines: also checkpoint every N steps / M minutes (0 = off); only the
+  # newest of these interval checkpoints is kept.
+  c.checkpoint.every_steps = 0
+  c.checkpoint.every_minutes = 0.0
 
   c.eval = ml_collections.ConfigDict()
   # LIMA chose its checkpoint among epochs 5-10 by reading dev generations. Epochs past
@@ -138,6 +143,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _require(m[key] in DTYPES, f"model.{key}", f"must be one of {DTYPES}, got {m[key]!r}")
   _require(c.mesh.cpu_devices >= 0, "mesh.cpu_devices", "must be >= 0")
   _require(c.checkpoint.max_to_keep >= 0, "checkpoint.max_to_keep", "must be >= 0 (0 = all)")
+  _require(c.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0 (0 = off)")
+  _require(c.checkpoint.every_minutes >= 0, "checkpoint.every_minutes", "must be >= 0 (0 = off)")
+  _require(c.train.max_bad_steps >= 0, "train.max_bad_steps", "must be >= 0")
   epochs = tuple(c.eval.generate_epochs)
   _require(all(isinstance(e, int) and e >= 1 for e in epochs), "eval.generate_epochs",
            f"must list epoch numbers >= 1, got {epochs}")

@@ -49,6 +49,10 @@ class RunReporter:
       f.write(json.dumps({"epoch": epoch, "step": step, **summary}) + "\n")
     self._bar.write(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
 
+  def message(self, text: str) -> None:
+    if self.enabled:
+      self._bar.write(text)
+
   def close(self) -> None:
     if not self.enabled:
       return

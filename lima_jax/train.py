@@ -21,7 +21,7 @@ from absl import app, flags
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from lima_jax import checkpoint, config, data, generate, optim, sharding
+from lima_jax import checkpoint, config, data, generate, loop, optim, sharding
 from lima_jax.cli import fail, quiet_logs, use_fake_cpu_devices
 from lima_jax.errors import LimaError
 from lima_jax.metrics import RunReporter
@@ -200,59 +200,37 @@ def run(cfg, workdir: str) -> dict:
         f"; set-up {time.perf_counter() - started:.1f}s", flush=True)
   reporter = RunReporter(workdir, total_steps=s.total_steps, initial_step=start)
   try:
-    record = _train_steps(s, cfg, state, range(start, end), ckpts, reporter)
+    outcome = loop.train_steps(s, cfg, state, range(start, end), ckpts, reporter)
   finally:
     ckpts.close()
     s.generations.close()
     reporter.close()
-  print(f"lima_jax: stopped at step {end}/{s.total_steps}; checkpoints in {ckpts.directory}",
-        flush=True)
-  return record
-
-
-def _train_steps(s: Setup, cfg, state, steps, ckpts, reporter) -> dict:
-  record, epoch_loss = {}, [0.0, 0.0]  # token-weighted loss sum and token count of the epoch
-  for step in steps:
-    epoch = s.plan.epoch_of(step)
-    batch = data.pack_step([s.examples[i] for i in s.plan.example_ids(step)], s.rows,
-                           cfg.data.max_length)
-    t0 = time.perf_counter()
-    state, metrics = s.trainer.train_step(state, s.trainer.put_batch(batch))
-    metrics = jax.device_get(metrics)
-    step_time = time.perf_counter() - t0
-    tokens = int(metrics["tokens"])
-    record = {"step": step + 1, "epoch": epoch + 1, "loss": float(metrics["loss"]),
-              "lr": float(metrics["lr"]), "grad_norm": float(metrics["grad_norm"]),
-              "tokens": tokens, "step_time": step_time, "tokens_per_s": tokens / step_time}
-    reporter.step(record)
-    epoch_loss = [epoch_loss[0] + record["loss"] * tokens, epoch_loss[1] + tokens]
-    epoch_done = (step + 1) % s.plan.steps_per_epoch == 0
-    if epoch_done:
-      summary = {"loss": epoch_loss[0] / max(epoch_loss[1], 1)}
-      if s.dev is not None:
-        summary.update({f"dev_{k}": v for k, v in s.dev.evaluate(s.trainer, state["params"]).items()})
-      reporter.epoch(epoch + 1, summary, step + 1)
-      s.generations.at_epoch_end(epoch + 1, step + 1, state["params"])
-      epoch_loss = [0.0, 0.0]
-    if epoch_done or step + 1 == steps.stop:
-      ckpts.save(step + 1, state,
-                 dict(s.meta, step=step + 1, epoch=(step + 1) / s.plan.steps_per_epoch))
-  return record
+  done = outcome.last.get("step", start)
+  print(f"lima_jax: stopped at step {done}/{s.total_steps}"
+        f"{f' ({outcome.stopped_by})' if outcome.stopped_by else ''}; checkpoints in "
+        f"{ckpts.directory}", flush=True)
+  return outcome.last
 
 
 def _restore_or_init(ckpts, trainer, cfg, meta, workdir):
-  latest = ckpts.latest_step()
-  if latest is None:
-    if cfg.init_from:  # pretrained weights (HF, Meta or our import); the optimizer starts fresh
-      from lima_jax.weights import pretrained  # pylint: disable=import-outside-toplevel
-      return pretrained.init_state(trainer, cfg.init_from, meta["tokenizer_sha256"]), 0
-    return trainer.init(cfg.seed), 0
-  saved = ckpts.read_meta(latest)
-  checkpoint.check_same_model(saved, meta["model"], workdir)
-  if saved.get("tokenizer_sha256") != meta["tokenizer_sha256"]:
-    raise LimaError(f"data.tokenizer_path: {cfg.data.tokenizer_path} differs from the tokenizer "
-                    f"the checkpoints in {workdir} were trained with")
-  return ckpts.restore(latest, trainer.abstract_state), latest
+  """(state, step) from the newest readable checkpoint, or a fresh state at step 0."""
+  def same_run(saved):
+    checkpoint.check_same_model(saved, meta["model"], workdir)
+    if saved.get("tokenizer_sha256") != meta["tokenizer_sha256"]:
+      raise LimaError(f"data.tokenizer_path: {cfg.data.tokenizer_path} differs from the "
+                      f"tokenizer the checkpoints in {workdir} were trained with")
+
+  restored = ckpts.restore_newest(trainer.abstract_state, check_meta=same_run)
+  if restored is not None:
+    state, step, _ = restored
+    return state, step
+  if ckpts.all_steps():
+    raise LimaError(f"{ckpts.directory}: no checkpoint there reads back whole; move the "
+                    "directory away to start afresh")
+  if cfg.init_from:  # pretrained weights (HF, Meta or our import); the optimizer starts fresh
+    from lima_jax.weights import pretrained  # pylint: disable=import-outside-toplevel
+    return pretrained.init_state(trainer, cfg.init_from, meta["tokenizer_sha256"]), 0
+  return trainer.init(cfg.seed), 0
 
 
 def default_workdir(config_path: str) -> str:

@@ -94,17 +94,20 @@ class Trainer:
 
     (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    # A non-finite loss or gradient leaves params and optimizer state as they were; the host
-    # decides whether to stop (see train.max_bad_steps). The step still advances, so the data
-    # order and the schedule stay a function of the step.
+
+    def update(_):
+      updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
+      return optax.apply_updates(state["params"], updates), opt_state
+
+    # A non-finite loss or gradient leaves params and optimizer state as they were (a cond,
+    # not a select, so no second copy of the state is live); the host decides whether to stop
+    # (train.max_bad_steps). The step still advances: data order and schedule follow the step.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    params, opt_state = jax.lax.cond(
+        finite, update, lambda _: (state["params"], state["opt_state"]), None)
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": self.schedule(state["step"]),
                "tokens": count}
-    return {"step": state["step"] + 1, "params": keep_old(params, state["params"]),
-            "opt_state": keep_old(opt_state, state["opt_state"])}, metrics
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
   def _eval_step(self, params, batch):
     total, count = token_loss(self.model(params), batch, constrain=self._constrain)
