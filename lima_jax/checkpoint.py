@@ -30,12 +30,12 @@ class Checkpoints:
         item_handlers={STATE: ocp.StandardCheckpointHandler(),
                        META: ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep or None,
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,  # leftovers of a write that was killed
             create=True))
-    # Interval checkpoints (for preemptible machines) are kept only until a newer checkpoint is
-    # safely on disk.
+    # Retention is ours, not Orbax's: the newest `max_to_keep` epoch checkpoints, plus interval
+    # checkpoints (for preemptible machines) only until a newer checkpoint is safely on disk.
+    self._max_to_keep = max_to_keep
     self._interval_steps = {s for s in self.all_steps() if self._is_interval(s)}
 
   def _is_interval(self, step: int) -> bool:
@@ -53,23 +53,31 @@ class Checkpoints:
   def save(self, step: int, state, meta: dict, *, interval: bool = False) -> None:
     """Starts an asynchronous save; training goes on while it is written.
 
-    The previous save is finished first (Orbax does one at a time), which makes every older
-    interval checkpoint redundant: those are deleted.
+    The previous save is finished first (Orbax does one at a time); only then are checkpoints
+    it supersedes deleted.
     """
     self._manager.wait_until_finished()
-    self._drop_stale_intervals()
+    self._prune()
+    if step in self.all_steps():  # a damaged checkpoint that the restore skipped
+      self._manager.delete(step)
+      self._interval_steps.discard(step)
     self._manager.save(step, force=True, args=ocp.args.Composite(
         **{STATE: ocp.args.StandardSave(state),
            META: ocp.args.JsonSave(dict(meta, kind="interval" if interval else "epoch"))}))
     if interval:
       self._interval_steps.add(step)
 
-  def _drop_stale_intervals(self) -> None:
-    latest = self.latest_step()
-    for step in sorted(self._interval_steps):
-      if latest is not None and step < latest:
-        self._manager.delete(step)
-        self._interval_steps.discard(step)
+  def _prune(self) -> None:
+    steps = sorted(self.all_steps())
+    if not steps:
+      return
+    epochs = [s for s in steps if s not in self._interval_steps]
+    stale = [s for s in steps if s in self._interval_steps and s < steps[-1]]
+    if self._max_to_keep:
+      stale += epochs[:-self._max_to_keep]
+    for step in stale:
+      self._manager.delete(step)
+      self._interval_steps.discard(step)
 
   def read_meta(self, step: int) -> dict:
     restored = self._manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
@@ -108,7 +116,7 @@ class Checkpoints:
 
   def close(self) -> None:
     self._manager.wait_until_finished()
-    self._drop_stale_intervals()
+    self._prune()
     self._manager.close()
 
 

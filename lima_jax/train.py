@@ -18,6 +18,7 @@ import time
 import jax
 import numpy as np
 from absl import app, flags
+from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
@@ -116,6 +117,8 @@ def prepare(cfg, workdir: str) -> Setup:
   if cfg.mesh.cpu_devices:
     use_fake_cpu_devices(cfg.mesh.cpu_devices)
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+  if cfg.init_from and not epath.Path(cfg.init_from).exists():
+    raise LimaError(f"init_from: {cfg.init_from}: no such directory")
   tokenizer = data.ChatTokenizer(cfg.data.tokenizer_path)
   load = dict(max_length=cfg.data.max_length, train_on_prompt=cfg.data.train_on_prompt,
               data_dir=os.path.join(workdir, "tfds"))
@@ -239,7 +242,7 @@ def default_workdir(config_path: str) -> str:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    fail(f"command line: unexpected arguments: {' '.join(argv[1:])} (flags look like --x=y)")
   quiet_logs()  # library INFO logs would drown the progress bar
   cfg = load_config()
   workdir = _WORKDIR.value or cfg.workdir or default_workdir(

@@ -1,7 +1,6 @@
 """Bad input to `python -m lima_jax.train`: one line naming the culprit, exit 2, no traceback,
 and an existing workdir's checkpoints left exactly as they were."""
 
-import hashlib
 import json
 import os
 import subprocess
@@ -9,21 +8,10 @@ import sys
 
 import pytest
 
+from helpers import ROOT, tree_hashes
 from lima_jax import train
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.train.epochs=1", "--config.train.batch_size=32", "--config.data.max_length=64",
         "--config.model.n_layers=1"]
-
-
-def tree_hashes(directory):
-  hashes = {}
-  for base, _, files in os.walk(directory):
-    for name in files:
-      path = os.path.join(base, name)
-      with open(path, "rb") as f:
-        hashes[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
-  return hashes
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +57,29 @@ CASES = {
     "missing tokenizer": (lambda t: ["--config.data.tokenizer_path=/no/tok.model"], "/no/tok.model"),
     "missing config file": (lambda t: ["--config=/no/config.py"], "/no/config.py"),
     "another model in the workdir": (lambda t: ["--config.model.d_model=256"], "model.d_model"),
+    "negative seed": (lambda t: ["--config.seed=-1"], "seed"),
+    "max_length below 2": (lambda t: ["--config.data.max_length=1"], "data.max_length"),
+    "zero learning rate": (lambda t: ["--config.optimizer.learning_rate=0"], "optimizer.learning_rate"),
+    "b1 out of range": (lambda t: ["--config.optimizer.b1=1.5"], "optimizer.b1"),
+    "heads do not divide d_model": (lambda t: ["--config.model.n_heads=3"], "model.n_heads"),
+    "unknown remat policy": (lambda t: ["--config.model.remat=sometimes"], "model.remat"),
+    "unsupported dtype": (lambda t: ["--config.model.compute_dtype=float16"], "model.compute_dtype"),
+    "negative checkpoint cadence": (lambda t: ["--config.checkpoint.every_steps=-1"],
+                                    "checkpoint.every_steps"),
+    "missing dev file": (lambda t: ["--config.data.dev_path=/no/dev.jsonl"], "/no/dev.jsonl"),
+    "missing init_from": (lambda t: ["--config.init_from=/no/weights"], "/no/weights"),
+    "tokenizer that is not sentencepiece": (
+        lambda t: [f"--config.data.tokenizer_path={jsonl(t, 'tok.model', ['not a model'])}"],
+        "tok.model"),
+    "a line that is not an object": (
+        lambda t: [f"--config.data.train_path={jsonl(t, 'f.jsonl', [GOOD, '[1, 2]'])}"], "f.jsonl:2"),
+    "conversations not a list": (
+        lambda t: [f"--config.data.train_path={jsonl(t, 'g.jsonl', [json.dumps({'conversations': 'hi'})])}"],
+        "g.jsonl:1"),
+    "source not a string": (
+        lambda t: [f"--config.data.train_path={jsonl(t, 'h.jsonl', [json.dumps({'conversations': ['q', 'a'], 'source': 3})])}"],
+        "h.jsonl:1"),
+    "unexpected positional argument": (lambda t: ["train.jsonl"], "train.jsonl"),
 }
 
 

@@ -9,10 +9,9 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import ROOT, final_params
 from lima_jax import checkpoint, config, train
 from lima_jax.errors import LimaError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config():
@@ -22,16 +21,6 @@ def tiny_config():
   cfg.train.epochs = 2
   cfg.model.d_model, cfg.model.n_layers, cfg.model.ffn_dim = 64, 2, 128
   return cfg
-
-
-def final_params(cfg, workdir):
-  setup = train.prepare(cfg, workdir)
-  ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"))
-  try:
-    state = ckpts.restore(ckpts.latest_step(), setup.trainer.abstract_state)
-  finally:
-    ckpts.close()
-  return jax.device_get(state["params"])
 
 
 @pytest.fixture(scope="module")

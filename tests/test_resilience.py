@@ -1,0 +1,143 @@
+"""Runs that are killed, preempted, corrupted or diverge: resume exactly or stop clearly."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from helpers import ROOT, final_params, train_cli, tree_hashes
+from lima_jax import config, train
+from lima_jax.errors import LimaError
+
+# 2 epochs of 9 steps; an interval checkpoint every 2 steps so kills land near checkpoint writes.
+FLAGS = ["--config.train.epochs=2", "--config.train.batch_size=8", "--config.data.max_length=64",
+         "--config.model.n_layers=1", "--config.model.d_model=64", "--config.model.ffn_dim=128",
+         "--config.eval.generate_epochs=()", "--config.checkpoint.every_steps=2"]
+
+
+def cli_config():
+  """The same run as FLAGS, built in-process."""
+  cfg = config.from_file(os.path.join(ROOT, "configs", "toy.py"))
+  cfg.train.epochs, cfg.train.batch_size, cfg.data.max_length = 2, 8, 64
+  cfg.model.n_layers, cfg.model.d_model, cfg.model.ffn_dim = 1, 64, 128
+  cfg.eval.generate_epochs = ()
+  cfg.checkpoint.every_steps = 2
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+  train.run(cli_config(), workdir)
+  return final_params(cli_config(), workdir)
+
+
+def assert_same_params(a, b):
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def checkpoint_write_in_progress(workdir):
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(ckpt_dir) and any("tmp" in name for name in os.listdir(ckpt_dir))
+
+
+def run_and_kill(workdir, *, after_seconds=None, during_checkpoint_write=False):
+  """Starts training and SIGKILLs it once it is stepping: after a delay, or as soon as a
+  checkpoint is being written. Returns True if it was killed before finishing."""
+  proc = train_cli(*FLAGS, f"--workdir={workdir}", stdout=subprocess.PIPE,
+                   stderr=subprocess.DEVNULL, text=True)
+  proc.stdout.readline()  # the start-up line: set-up is done, stepping begins
+  deadline = time.monotonic() + (after_seconds if after_seconds is not None else 120)
+  while proc.poll() is None and time.monotonic() < deadline:
+    if during_checkpoint_write and checkpoint_write_in_progress(workdir):
+      break
+    time.sleep(0.002)
+  if proc.poll() is not None:
+    return False
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  return True
+
+
+def test_sigkill_at_random_moments_then_rerun_matches_uninterrupted(reference, tmp_path):
+  workdir = str(tmp_path)
+  rng = random.Random(1234)
+  killed_in_write = run_and_kill(workdir, during_checkpoint_write=True)
+  kills = [killed_in_write] + [run_and_kill(workdir, after_seconds=rng.uniform(0.2, 2.5))
+                               for _ in range(2)]
+  assert killed_in_write and any(kills)
+  finish = train_cli(*FLAGS, f"--workdir={workdir}",
+                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  _, err = finish.communicate(timeout=300)
+  assert finish.returncode == 0, err[-2000:]
+  assert_same_params(reference, final_params(cli_config(), workdir))
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(reference, tmp_path):
+  workdir = str(tmp_path)
+  proc = train_cli(*FLAGS, f"--workdir={workdir}", "--config.checkpoint.every_steps=0",
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc.stdout.readline()
+  time.sleep(1.0)  # mid-epoch
+  sent = time.monotonic()
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=60)
+  assert proc.returncode == 0, err[-2000:]
+  assert time.monotonic() - sent < 30
+  assert "SIGTERM: checkpoint of step" in out and "(SIGTERM)" in out
+  steps = [int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit()]
+  assert steps and max(steps) < 18
+  train.run(cli_config(), workdir)
+  assert_same_params(reference, final_params(cli_config(), workdir))
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(reference, tmp_path):
+  workdir = str(tmp_path)
+  cfg = cli_config()
+  cfg.train.stop_after_steps = 12
+  train.run(cfg, workdir)  # epoch checkpoint 9, interval checkpoints up to 12
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  newest = max(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
+  assert newest == 12
+  state_dir = os.path.join(ckpt_dir, str(newest), "state")
+  for base, _, files in os.walk(state_dir):  # truncate every array file of the newest
+    for name in files:
+      if "manifest" in name or name.startswith("d"):
+        open(os.path.join(base, name), "wb").close()
+  train.run(cli_config(), workdir)
+  assert_same_params(reference, final_params(cli_config(), workdir))
+
+
+def test_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+  workdir = str(tmp_path)
+  cfg = cli_config()
+  cfg.train.stop_after_steps = 2
+  train.run(cfg, workdir)
+  before = tree_hashes(os.path.join(workdir, "checkpoints"))
+  diverging = cli_config()
+  diverging.optimizer.learning_rate = 1e30  # params blow up at step 3, the loss at step 4
+  diverging.optimizer.end_learning_rate = 1e30
+  with pytest.raises(LimaError, match=r"^step \d+: non-finite loss .* last good checkpoint is "
+                                      r"step 2\b.*train.max_bad_steps"):
+    train.run(diverging, workdir)
+  after = tree_hashes(os.path.join(workdir, "checkpoints"))
+  assert {k: v for k, v in after.items() if k.startswith("2/")} == {
+      k: v for k, v in before.items() if k.startswith("2/")}
+
+
+def test_bad_steps_can_be_skipped_up_to_the_limit(tmp_path):
+  cfg = cli_config()
+  cfg.optimizer.learning_rate = cfg.optimizer.end_learning_rate = 1e30
+  cfg.optimizer.warmup_steps = 0
+  cfg.train.max_bad_steps = 100
+  last = train.run(cfg, str(tmp_path))
+  with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  bad = [r for r in records if not (np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]))]
+  assert last["step"] == 18 and len(records) == 18 and 0 < len(bad) <= 100
