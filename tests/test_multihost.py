@@ -43,21 +43,10 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _final_params(cfg, workdir):
-  import jax  # pylint: disable=import-outside-toplevel
-  from lima_jax import checkpoint, train  # pylint: disable=import-outside-toplevel
-  setup = train.prepare(cfg, workdir)
-  ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"))
-  try:
-    state = ckpts.restore(ckpts.latest_step(), setup.trainer.abstract_state)
-  finally:
-    ckpts.close()
-  return jax.device_get(state["params"])
-
-
 def test_two_processes_end_with_the_params_of_one(tmp_path):
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
+  from helpers import final_params  # pylint: disable=import-outside-toplevel
   from lima_jax import train  # pylint: disable=import-outside-toplevel
 
   multi, single = str(tmp_path / "multi"), str(tmp_path / "single")
@@ -88,7 +77,7 @@ def test_two_processes_end_with_the_params_of_one(tmp_path):
   # float rounding, far below what one misplaced row of data would change.
   np.testing.assert_allclose(losses[multi], losses[single], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5),
-               _final_params(cfg, multi), _final_params(cfg, single))
+               final_params(cfg, multi), final_params(cfg, single))
 
 if __name__ == "__main__":
   worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
