@@ -45,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.max_length = 2048  # LIMA trims texts to 2048 tokens
   c.data.train_on_prompt = False  # loss on assistant tokens (+ their EOT) only
   c.data.rows_per_step = 0  # packed rows per step; 0 = the fewest that fit every step of the run
+  c.data.cache_dir = ""  # local dir for the TFDS copies; "" = <workdir>/tfds (or ~/.cache if remote)
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 32  # examples per optimizer step (LIMA: 32 for 65B, 64 for smaller)

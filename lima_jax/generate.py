@@ -9,7 +9,6 @@ checkpoint; the decoding defaults are the run's `generate.*` config. Also here: 
 generations a training run writes at the end of each epoch of `eval.generate_epochs`.
 """
 
-import os
 import time
 
 import jax
@@ -20,7 +19,7 @@ from absl import logging
 
 from lima_jax import config, run_files, sharding
 from lima_jax.cli import ArgumentParser, fail, quiet_logs
-from lima_jax.data import ChatTokenizer
+from lima_jax.data import ChatTokenizer, prepared_dir
 from lima_jax.decoding import Decoding, Generator
 from lima_jax.errors import LimaError
 from lima_jax.model import LlamaConfig
@@ -40,7 +39,8 @@ class EpochGenerations:
     self.prompts = []
     if cfg.data.dev_path and self.epochs:
       self.prompts = load_prompts(cfg.data.dev_path, tokenizer, context=self.context,
-                                  data_dir=os.path.join(workdir, "tfds"), what="data.dev_path",
+                                  data_dir=prepared_dir(workdir, cfg.data.cache_dir),
+                                  what="data.dev_path",
                                   skip_long=True)
     self.generator = Generator(trainer, tokenizer.eot_id, cfg.generate.batch_size)
     # A full checkpoint is kept for every epoch unless max_to_keep is set: only then can the
@@ -143,7 +143,7 @@ def _generate(args) -> None:
   context = run_cfg["data"]["max_length"]
   # The prompts are checked before the params are restored: that can take minutes.
   prompts = load_prompts(args.prompts, tokenizer, context=context, what="--prompts",
-                         data_dir=os.path.join(args.workdir, "tfds"))
+                         data_dir=prepared_dir(args.workdir))
   trainer, params = restore_kept(kept, source)
   generator = Generator(trainer, tokenizer.eot_id, section["batch_size"])
   with tqdm.tqdm(total=len(prompts), unit="prompt", desc="generate", dynamic_ncols=True) as bar:

@@ -99,6 +99,26 @@ def segment_causal_mask(segment_ids):
   return (same_segment & causal)[:, None, :, :]
 
 
+ATTENTION_BLOCK = 128
+
+
+def causal_attention(q, k, v, mask, block: int = ATTENTION_BLOCK):
+  """dot_product_attention under a causal `mask` (segment_causal_mask), by query blocks.
+
+  Query block i sees no key past its own end, so it attends to keys [0, (i+1) * block) only:
+  the blocks above the diagonal are never computed. At 512 tokens that is 10 of 16 blocks; on
+  CPU the layer's attention (forward + backward) takes half the time, with the same result.
+  """
+  length = q.shape[1]
+  if length <= block or length % block:
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+  return jnp.concatenate([
+      jax.nn.dot_product_attention(q[:, start:start + block], k[:, :start + block],
+                                   v[:, :start + block],
+                                   mask=mask[:, :, start:start + block, :start + block])
+      for start in range(0, length, block)], axis=1)
+
+
 class Attention(nnx.Module):
   """Multi-head attention with grouped KV heads (n_kv_heads == n_heads is plain MHA)."""
 
@@ -123,7 +143,7 @@ class Attention(nnx.Module):
 
   def __call__(self, x, positions, mask):
     q, k, v = self._project(x, positions)
-    return self._output(jax.nn.dot_product_attention(q, k, v, mask=mask))
+    return self._output(causal_attention(q, k, v, mask))
 
   def cached(self, x, positions, mask, cache, layer, index):
     """Attention over a KV cache: writes this call's keys and values into layer `layer` of the

@@ -121,7 +121,7 @@ def prepare(cfg, workdir: str) -> Setup:
     raise LimaError(f"init_from: {cfg.init_from}: no such directory")
   tokenizer = data.ChatTokenizer(cfg.data.tokenizer_path)
   load = dict(max_length=cfg.data.max_length, train_on_prompt=cfg.data.train_on_prompt,
-              data_dir=os.path.join(workdir, "tfds"))
+              data_dir=data.prepared_dir(workdir, cfg.data.cache_dir))
   examples, dev_examples = process_0_first(lambda: (
       data.load_examples(cfg.data.train_path, tokenizer, what="data.train_path", **load),
       data.load_examples(cfg.data.dev_path, tokenizer, what="data.dev_path", **load)

@@ -3,7 +3,7 @@
 from lima_jax.data.batching import EpochPlan
 from lima_jax.data.chat_format import ChatTokenizer, Example
 from lima_jax.data.conversations import Conversation
-from lima_jax.data.lima_dataset import read_conversations
+from lima_jax.data.lima_dataset import prepared_dir, read_conversations
 from lima_jax.data.packing import pack_step, rows_needed
 from lima_jax.data.pipeline import load_examples
 
@@ -14,6 +14,7 @@ __all__ = [
     "Example",
     "load_examples",
     "pack_step",
+    "prepared_dir",
     "read_conversations",
     "rows_needed",
 ]

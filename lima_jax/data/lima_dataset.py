@@ -8,6 +8,7 @@ back through `as_data_source()` (random access, no tensorflow); `as_dataset()` w
 import contextlib
 import hashlib
 import io
+import os
 
 from absl import logging
 import numpy as np
@@ -63,6 +64,17 @@ class LimaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     for record in self._lima_records:
       yield record.line, {"turns": list(record.turns), "source": record.source,
                           "line": record.line}
+
+
+def prepared_dir(workdir: str, cache_dir: str = "") -> str:
+  """Where the TFDS copies of a run's JSONL files go: `data.cache_dir` if set, else the
+  workdir's `tfds/`, or a local cache when the workdir is remote (array_record writes local
+  files; a 1,000-record copy takes well under a second to rebuild on each host)."""
+  if cache_dir:
+    return cache_dir
+  if "://" in workdir:
+    return os.path.join(os.path.expanduser("~"), ".cache", "lima_jax", "tfds")
+  return os.path.join(workdir, "tfds")
 
 
 def read_conversations(path: str, data_dir: str, *,
