@@ -1,0 +1,116 @@
+"""The benchmark suite: every figure a ratio measured inside this one run.
+
+  python bench/run.py [--json] [--rounds 5] [--compile-repeats 3]
+
+1. MFU of the train step over the matmul peak the same process measures (1 device, 8 devices);
+2. packing efficiency on a LIMA-shaped length distribution (ours, pad to 2048, pad to batch max);
+3. compile time of an 80-layer model over a 2-layer one;
+4. the start-up split of the default toy run (seconds and share of the whole);
+5. tokens/s against transformers' LlamaForCausalLM + torch AdamW on the same CPU.
+
+Measurements that need a given device count run in fresh processes (JAX fixes the count when it
+starts). See bench/README.md for what each figure means.
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import run_worker  # pylint: disable=wrong-import-position
+
+WORKER_TIMEOUT_S = 600
+
+
+def _worker(name: str, args: list[str]) -> None:
+  """Child side of run_worker: one measurement, printed as the last line of JSON."""
+  if name == "throughput":
+    import throughput  # pylint: disable=import-outside-toplevel
+    out = throughput.measure(rounds=int(args[0]), with_torch=args[1] == "1")
+  elif name == "compile":
+    import compile_depth  # pylint: disable=import-outside-toplevel
+    out = compile_depth.measure(repeats=int(args[0]))
+  elif name == "startup":
+    import startup  # pylint: disable=import-outside-toplevel
+    out = startup.measure(epochs=int(args[0]))
+  else:
+    raise SystemExit(f"unknown worker {name}")
+  print(json.dumps(out), flush=True)
+
+
+def run_all(rounds: int, compile_repeats: int, log) -> dict:
+  started = time.perf_counter()
+  log("packing efficiency ...")
+  import packing_efficiency  # pylint: disable=import-outside-toplevel
+  packing = packing_efficiency.efficiencies(packing_efficiency.lima_lengths())
+  log("compile time, 2 vs 80 layers ...")
+  compile_ = run_worker("compile", 1, WORKER_TIMEOUT_S, compile_repeats)
+  log("start-up split of the toy run ...")
+  startup = run_worker("startup", 8, WORKER_TIMEOUT_S, 2)
+  log("train step and PyTorch reference, 1 device ...")
+  one = run_worker("throughput", 1, WORKER_TIMEOUT_S, rounds, 1)
+  log("train step, 8 devices ...")
+  eight = run_worker("throughput", 8, WORKER_TIMEOUT_S, rounds, 0)
+  return {
+      "mfu_vs_matmul": {"one_device": one["mfu_vs_matmul"], "mesh_8": eight["mfu_vs_matmul"],
+                        "pytorch_one_device": one["torch_mfu_vs_matmul"],
+                        "model_flops_per_step": one["model_flops_per_step"],
+                        "one_device_detail": _drop(one, "torch_"),
+                        "mesh_8_detail": eight},
+      "packing_efficiency": packing,
+      "compile_ratio_80_vs_2": compile_["ratio"],
+      "compile": compile_,
+      "startup_share": startup["share"],
+      "startup_s": startup["seconds"],
+      "vs_pytorch": one["vs_pytorch"],
+      "tokens_per_s": {"jax_one_device": one["tokens_per_s"],
+                       "jax_mesh_8": eight["tokens_per_s"],
+                       "pytorch": one["torch_tokens_per_s"]},
+      "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                  "python": platform.python_version()},
+      "elapsed_s": time.perf_counter() - started,
+  }
+
+
+def _drop(d: dict, prefix: str) -> dict:
+  return {k: v for k, v in d.items() if not k.startswith(prefix) and k != "vs_pytorch"}
+
+
+def _table(r: dict) -> str:
+  m, p, c = r["mfu_vs_matmul"], r["packing_efficiency"], r["compile"]
+  lines = [
+      f"MFU / matmul peak, 1 device        {m['one_device']:.2f}  (PyTorch {m['pytorch_one_device']:.2f})",
+      f"MFU / matmul peak, 8-device mesh   {m['mesh_8']:.2f}",
+      f"packing efficiency                 {p['packed']:.2f}  (pad to 2048 {p['pad_to_max_length']:.2f}, "
+      f"pad to batch max {p['pad_to_batch_max']:.2f}; rows as needed {p['packed_rows_as_needed']:.2f})",
+      f"compile 80 / 2 layers              {r['compile_ratio_80_vs_2']:.2f}  "
+      f"({c['total_s_80']:.1f}s / {c['total_s_2']:.1f}s)",
+      f"tokens/s vs PyTorch                {r['vs_pytorch']:.2f}",
+      "start-up split of the toy run (2 epochs):"]
+  for phase, share in r["startup_share"].items():
+    lines.append(f"  {phase:<30} {r['startup_s'][phase]:6.1f}s  {share:5.1%}")
+  lines.append(f"(suite took {r['elapsed_s']:.0f}s)")
+  return "\n".join(lines)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--json", action="store_true", help="print one JSON object")
+  parser.add_argument("--rounds", type=int, default=5, help="timed train steps per device count")
+  parser.add_argument("--compile-repeats", type=int, default=3)
+  parser.add_argument("--worker", help=argparse.SUPPRESS)
+  args, rest = parser.parse_known_args()
+  if args.worker:
+    _worker(args.worker, rest)
+    return
+  log = (lambda msg: print(msg, file=sys.stderr, flush=True))
+  result = run_all(args.rounds, args.compile_repeats, log)
+  print(json.dumps(result, indent=1) if args.json else _table(result))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,69 @@
+"""Where the default run's time goes: `python -m lima_jax.train` with configs/toy.py, shortened.
+
+The worker calls the trainer's own functions in the order `lima_jax.train.run` does and times
+each phase from outside; the only difference is that the step is compiled ahead of time
+(`lower().compile()`) so compilation is not hidden inside the first step.
+
+Phases: imports; set-up (config, tokenizer, TFDS build and tokenization of the data, mesh,
+Trainer: `lima_jax.train.prepare`); state init; compile; steps (packing, transfer, step);
+epoch ends (dev loss and dev generations, as the toy config asks every epoch); checkpoint
+writes (the asynchronous saves' blocking part plus the final wait).
+"""
+
+import os
+import tempfile
+import time
+
+
+def measure(epochs: int) -> dict:
+  seconds = {}
+  started = time.perf_counter()
+  import jax  # pylint: disable=import-outside-toplevel
+  from lima_jax import checkpoint, config, data  # pylint: disable=import-outside-toplevel
+  from lima_jax import train  # pylint: disable=import-outside-toplevel
+  from lima_jax.cli import quiet_logs  # pylint: disable=import-outside-toplevel
+  seconds["imports"] = time.perf_counter() - started
+  quiet_logs()
+  cfg = config.from_file(train.DEFAULT_CONFIG)
+  cfg.train.epochs = epochs
+  phase_start = time.perf_counter()
+
+  def lap(name):
+    nonlocal phase_start
+    now = time.perf_counter()
+    seconds[name] = seconds.get(name, 0.0) + now - phase_start
+    phase_start = now
+
+  with tempfile.TemporaryDirectory() as workdir:
+    s = train.prepare(cfg, workdir)
+    ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"),
+                                   max_to_keep=cfg.checkpoint.max_to_keep,
+                                   async_save=cfg.checkpoint.async_save)
+    lap("setup_data_tokenizer")
+    state = jax.block_until_ready(s.trainer.init(cfg.seed))
+    lap("state_init")
+
+    def batch_of(step):
+      return s.trainer.put_batch(data.pack_step(
+          [s.examples[i] for i in s.plan.example_ids(step)], s.rows, cfg.data.max_length))
+
+    step_fn = s.trainer.train_step.lower(state, batch_of(0)).compile()
+    lap("compile")
+    for step in range(s.total_steps):
+      state, metrics = step_fn(state, batch_of(step))
+      jax.device_get(metrics)
+      lap("steps")
+      if (step + 1) % s.plan.steps_per_epoch == 0:
+        epoch = s.plan.epoch_of(step) + 1
+        if s.dev is not None:
+          s.dev.evaluate(s.trainer, state["params"])
+        s.generations.at_epoch_end(epoch, step + 1, state["params"])
+        lap("epoch_end_eval_generate")
+        ckpts.save(step + 1, state, dict(s.meta, step=step + 1, epoch=epoch))
+        lap("checkpoints")
+    ckpts.close()
+    s.generations.close()
+    lap("checkpoints")
+  total = sum(seconds.values())
+  return {"seconds": seconds, "share": {k: v / total for k, v in seconds.items()},
+          "total_s": total, "steps": s.total_steps}

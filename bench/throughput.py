@@ -1,0 +1,87 @@
+"""MFU of the train step against this process's matmul peak, and tokens/s against PyTorch.
+
+The model: LLaMA with 8 layers, d 512, FFN 1408, 8 heads, 8 rows of 512 tokens, fp32, LIMA's
+residual dropout (0.2 at the top layer) and AdamW, i.e. the real `Trainer.train_step`. Each
+round times a matmul peak, one JAX step and (when asked) one PyTorch step back to back, so
+machine load that drifts between rounds cancels in each round's ratio; figures are medians.
+"""
+
+import os
+
+from common import (matmul_peak, median, make_trainer, model_setup, synthetic_batch, timed)
+from flops import train_flops
+
+ROWS, LENGTH = 8, 512
+
+
+class TorchReference:
+  """transformers' LlamaForCausalLM (random init, SDPA attention) with torch AdamW on the
+  same shape and hyper-parameters; its loss is the mean over every target, as ours is."""
+
+  def __init__(self, model_cfg, opt_cfg, batch):
+    import torch  # pylint: disable=import-outside-toplevel
+    import transformers  # pylint: disable=import-outside-toplevel
+    torch.set_num_threads(os.cpu_count())
+    torch.manual_seed(0)
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=model_cfg.vocab_size, hidden_size=model_cfg.d_model,
+        intermediate_size=model_cfg.ffn_dim, num_hidden_layers=model_cfg.n_layers,
+        num_attention_heads=model_cfg.n_heads, num_key_value_heads=model_cfg.n_kv_heads,
+        max_position_embeddings=LENGTH, rms_norm_eps=model_cfg.norm_eps,
+        rope_theta=model_cfg.rope_theta, tie_word_embeddings=False)
+    self.model = transformers.LlamaForCausalLM._from_config(  # pylint: disable=protected-access
+        hf_cfg, attn_implementation="sdpa", dtype=torch.float32)
+    self.model.train()
+    self.opt = torch.optim.AdamW(self.model.parameters(), lr=opt_cfg.learning_rate,
+                                 betas=(opt_cfg.b1, opt_cfg.b2), eps=opt_cfg.eps,
+                                 weight_decay=opt_cfg.weight_decay)
+    self.tokens = torch.from_numpy(batch["tokens"]).long()
+    self.targets = torch.from_numpy(batch["targets"]).long()
+    self.torch = torch
+
+  def step(self) -> float:
+    logits = self.model(input_ids=self.tokens).logits
+    loss = self.torch.nn.functional.cross_entropy(logits.flatten(0, 1), self.targets.flatten())
+    loss.backward()
+    self.opt.step()
+    self.opt.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def measure(rounds: int, with_torch: bool) -> dict:
+  """One process, all its devices on the default mesh (fsdp over every device)."""
+  import time  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from lima_jax import sharding  # pylint: disable=import-outside-toplevel
+  cfg, model_cfg = model_setup()
+  mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+  trainer = make_trainer(cfg, model_cfg, mesh)
+  host_batch = synthetic_batch(ROWS, LENGTH, model_cfg.vocab_size)
+  state = trainer.init(cfg.seed)
+  batch = trainer.put_batch(host_batch)
+  started = time.perf_counter()
+  step = trainer.train_step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - started
+  _, (state, _) = timed(step, state, batch)  # first run: allocation, caches
+  torch_ref = TorchReference(model_cfg, cfg.optimizer, host_batch) if with_torch else None
+  if torch_ref:
+    torch_ref.step()
+  flops = train_flops(model_cfg, ROWS, LENGTH)
+  peaks, jax_s, torch_s = [], [], []
+  for _ in range(rounds):
+    peaks.append(matmul_peak())
+    seconds, (state, _) = timed(step, state, batch)
+    jax_s.append(seconds)
+    if torch_ref:
+      started = time.perf_counter()
+      torch_ref.step()
+      torch_s.append(time.perf_counter() - started)
+  out = {"devices": len(jax.devices()), "mesh": dict(mesh.shape), "model_flops_per_step": flops,
+         "compile_s": compile_s, "step_s": jax_s, "matmul_flops_per_s": peaks,
+         "mfu_vs_matmul": median(flops / s / p for s, p in zip(jax_s, peaks)),
+         "tokens_per_s": ROWS * LENGTH / median(jax_s)}
+  if torch_ref:
+    out.update(torch_step_s=torch_s, torch_tokens_per_s=ROWS * LENGTH / median(torch_s),
+               torch_mfu_vs_matmul=median(flops / s / p for s, p in zip(torch_s, peaks)),
+               vs_pytorch=median(t / j for t, j in zip(torch_s, jax_s)))
+  return out

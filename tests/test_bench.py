@@ -1,0 +1,96 @@
+"""The benchmark suite's own logic at tiny sizes: the FLOPs formula and packing efficiency.
+
+Timings are not tested here (they are machine noise); `python bench/run.py` measures them.
+"""
+
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "bench"))
+
+import common  # noqa: E402  pylint: disable=wrong-import-position
+import flops  # noqa: E402  pylint: disable=wrong-import-position
+import packing_efficiency  # noqa: E402  pylint: disable=wrong-import-position
+import run  # noqa: E402  pylint: disable=wrong-import-position
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  from lima_jax import sharding  # pylint: disable=import-outside-toplevel
+  cfg, model_cfg = common.model_setup(n_layers=2, d_model=64, n_heads=4, ffn_dim=96)
+  mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  return model_cfg, common.make_trainer(cfg, model_cfg, mesh)
+
+
+def test_matmul_params_count_the_models_matmul_weights(tiny):
+  model_cfg, trainer = tiny
+  params = trainer.abstract_state["params"]
+  blocks = params["blocks"]
+  counted = sum(int(np.prod(blocks[group][name].shape)) for group, names in
+                (("attn", ("wq", "wk", "wv", "wo")), ("mlp", ("gate", "up", "down")))
+                for name in names)
+  # The LM head counts over the real vocabulary only; the embedding is a gather.
+  counted += model_cfg.d_model * model_cfg.vocab_size
+  assert flops.matmul_params(model_cfg) == counted
+
+
+def test_train_flops_are_6n_plus_attention(tiny):
+  model_cfg, _ = tiny
+  n = flops.matmul_params(model_cfg)
+  per_token = 6 * n + 12 * 2 * 64 * 128  # layers * (heads * head_dim) * seq_len
+  assert flops.train_flops_per_token(model_cfg, 128) == per_token
+  assert flops.train_flops(model_cfg, 3, 128) == per_token * 3 * 128
+
+
+def test_synthetic_batch_is_one_full_example_per_row():
+  batch = common.synthetic_batch(2, 16, 50)
+  assert all(batch[k].shape == (2, 16) for k in batch)
+  np.testing.assert_array_equal(batch["tokens"][:, 1:], batch["targets"][:, :-1])
+  assert (batch["segment_ids"] == 1).all() and (batch["weights"] == 1).all()
+  np.testing.assert_array_equal(batch["positions"][1], np.arange(16))
+
+
+def test_lima_lengths_are_seeded_trimmed_and_mean_750():
+  lengths = packing_efficiency.lima_lengths()
+  np.testing.assert_array_equal(lengths, packing_efficiency.lima_lengths())
+  assert len(lengths) == 1000 and lengths.min() >= 2 and lengths.max() == 2048
+  assert abs(lengths.mean() - 750) < 2
+  assert np.median(lengths) < lengths.mean()  # a long tail
+
+
+def test_efficiency_of_examples_that_pack_exactly():
+  # Four examples of 33 tokens take 32 positions each: two per 64-position row.
+  out = packing_efficiency.efficiencies([33] * 4, batch_size=4, epochs=2, max_length=64)
+  assert out["rows_per_step"] == 2
+  assert out["packed"] == pytest.approx(1.0)
+  assert out["pad_to_max_length"] == pytest.approx(0.5)
+  assert out["pad_to_batch_max"] == pytest.approx(1.0)
+
+
+def test_static_rows_cost_the_light_steps():
+  # However the epoch is permuted, some step needs two 64-position rows, so every step gets
+  # two: the efficiency counts both rows of every step.
+  out = packing_efficiency.efficiencies([33, 33, 33, 33, 5, 5, 5], batch_size=4, epochs=1,
+                                        max_length=64)
+  real = 4 * 32 + 3 * 4
+  assert out["rows_per_step"] == 2
+  assert out["packed"] == pytest.approx(real / (2 * 2 * 64))
+  assert out["packed_rows_as_needed"] >= out["packed"]
+
+
+def test_table_reports_every_figure():
+  share = {"imports": 0.5, "steps": 0.5}
+  result = {"mfu_vs_matmul": {"one_device": 0.5, "mesh_8": 0.3, "pytorch_one_device": 0.4},
+            "packing_efficiency": {"packed": 0.8, "pad_to_max_length": 0.4,
+                                   "pad_to_batch_max": 0.4, "packed_rows_as_needed": 0.9},
+            "compile": {"total_s_80": 2.0, "total_s_2": 1.9}, "compile_ratio_80_vs_2": 1.05,
+            "vs_pytorch": 1.2, "startup_share": share, "startup_s": {"imports": 1.0, "steps": 1.0},
+            "elapsed_s": 10.0}
+  table = run._table(result)  # pylint: disable=protected-access
+  for text in ("0.50", "0.30", "0.80", "1.05", "1.20", "imports"):
+    assert text in table
