@@ -51,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.batch_size = 32  # examples per optimizer step (LIMA: 32 for 65B, 64 for smaller)
   c.train.epochs = 15
   c.train.stop_after_steps = 0  # stop (with a checkpoint) after this step; the schedule is unchanged
+  c.train.compile_cache_dir = "~/.cache/lima_jax/jax"  # compiled steps kept for reruns; "" = off
   c.train.max_bad_steps = 0  # non-finite steps skipped before the run stops (0 = stop at the first)
 
   c.optimizer = ml_collections.ConfigDict()

@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from lima_jax import checkpoint, config, data, generate, loop, optim, sharding
-from lima_jax.cli import fail, quiet_logs, use_fake_cpu_devices
+from lima_jax.cli import fail, quiet_logs, use_compile_cache, use_fake_cpu_devices
 from lima_jax.errors import LimaError
 from lima_jax.metrics import RunReporter
 from lima_jax.model import LlamaConfig
@@ -116,6 +116,7 @@ def prepare(cfg, workdir: str) -> Setup:
   config.validate(cfg)
   if cfg.mesh.cpu_devices:
     use_fake_cpu_devices(cfg.mesh.cpu_devices)
+  use_compile_cache(cfg.train.compile_cache_dir)
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
   if cfg.init_from and not epath.Path(cfg.init_from).exists():
     raise LimaError(f"init_from: {cfg.init_from}: no such directory")
