@@ -102,7 +102,7 @@ def test_bad_input_is_one_line_and_touches_nothing(case, workdir, tmp_path):
   assert tree_hashes(os.path.join(workdir, "checkpoints")) == before
 
 
-def test_flag_errors_name_the_key_in_process():
+def test_fail_prints_one_line_and_exits_2():
   with pytest.raises(SystemExit) as exit_info:
     train.fail("config train.epochs: must be positive")
   assert exit_info.value.code == 2

@@ -7,7 +7,6 @@ An imported model is laid out like a run's checkpoints directory, so one reader 
   OUT_DIR/tokenizer.model
 """
 
-import hashlib
 import os
 import shutil
 
@@ -40,11 +39,6 @@ def tokenizer_info(path: str) -> tuple[int, str]:
   except LimaError:
     raise LimaError(f"{path}: not a readable sentencepiece tokenizer") from None
   return tokenizer.piece_count, tokenizer.sha256
-
-
-def _sha256(path: str) -> str:
-  with open(path, "rb") as f:
-    return hashlib.sha256(f.read()).hexdigest()
 
 
 def vocab_plan(source_vocab: int, piece_count: int, where: str) -> tuple[int, bool]:
@@ -103,7 +97,7 @@ class OrbaxParams:
     """The tokenizer file the params belong to, checked against the recorded hash."""
     if not self._tokenizer or not os.path.isfile(self._tokenizer):
       return None
-    if self.tokenizer_sha256 and _sha256(self._tokenizer) != self.tokenizer_sha256:
+    if self.tokenizer_sha256 and tokenizer_info(self._tokenizer)[1] != self.tokenizer_sha256:
       raise LimaError(f"{self._tokenizer}: differs from the tokenizer {self.path} was saved with")
     return self._tokenizer
 
@@ -148,7 +142,7 @@ def save(out_dir: str, params, fields: dict, *, tokenizer_path: str, extras: dic
          source: str) -> None:
   if os.path.exists(out_dir) and os.listdir(out_dir):
     raise LimaError(f"{out_dir}: exists and is not empty; choose a new output directory")
-  saved = {"format": FORMAT, "model": fields, "tokenizer_sha256": _sha256(tokenizer_path),
+  saved = {"format": FORMAT, "model": fields, "tokenizer_sha256": tokenizer_info(tokenizer_path)[1],
            "hf": extras, "source": source}
   # The layout of `Checkpoints`, written with bounded in-flight bytes: the default handler stages
   # gigabytes at once, which on a CPU host comes on top of the params themselves.
@@ -192,7 +186,7 @@ def load_params(path: str, trainer: Trainer, tokenizer_sha256: str):
                                 f"data.tokenizer_path: with {path}")
     fields = dict(source.fields, vocab_size=vocab)
     tokenizer = source.tokenizer()
-    sha = _sha256(tokenizer) if tokenizer else None
+    sha = tokenizer_info(tokenizer)[1] if tokenizer else None
   check_model(fields, model_cfg, path)
   if sha and sha != tokenizer_sha256:
     raise LimaError(f"data.tokenizer_path: differs from the tokenizer of {path}")
