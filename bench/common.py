@@ -66,14 +66,16 @@ def make_trainer(cfg, model_cfg, mesh, total_steps: int = 1000):
 
 
 def synthetic_batch(rows: int, length: int, vocab: int, seed: int = 0) -> dict:
-  """A packed-step batch with one full-length example per row (every position a token)."""
+  """A step's batch as the trainer takes it, [1 micro-batch, rows, length], with one
+  full-length example per row (every position a token)."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(seed)
   tokens = rng.integers(0, vocab, (rows, length + 1)).astype(np.int32)
-  return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
-          "weights": np.ones((rows, length), np.float32),
-          "segment_ids": np.ones((rows, length), np.int32),
-          "positions": np.tile(np.arange(length, dtype=np.int32), (rows, 1))}
+  batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
+           "weights": np.ones((rows, length), np.float32),
+           "segment_ids": np.ones((rows, length), np.int32),
+           "positions": np.tile(np.arange(length, dtype=np.int32), (rows, 1))}
+  return {k: v[None] for k, v in batch.items()}
 
 
 def run_worker(name: str, devices: int, timeout: float, *args) -> dict:

@@ -21,7 +21,7 @@ def _compile_once(n_layers: int) -> tuple[float, float]:
   from lima_jax.train_state import BATCH_KEYS  # pylint: disable=import-outside-toplevel
   cfg, model_cfg = model_setup(n_layers=n_layers, **WIDTH)
   trainer = make_trainer(cfg, model_cfg, sharding.make_mesh(1, -1, 1))
-  batch = {k: jax.ShapeDtypeStruct((ROWS, LENGTH), "float32" if k == "weights" else "int32",
+  batch = {k: jax.ShapeDtypeStruct((1, ROWS, LENGTH), "float32" if k == "weights" else "int32",
                                    sharding=trainer.batch_sharding) for k in BATCH_KEYS}
   started = time.perf_counter()
   lowered = trainer.train_step.lower(trainer.abstract_state, batch)

@@ -61,6 +61,7 @@ def build(trainer, model_cfg, state, batch, dropout_top):
   finally:
     model_lib.residual_dropout = real_dropout
   pieces["train_step_no_dropout"] = (no_drop, (fresh(), batch))
+  batch = jax.tree.map(lambda x: x[0], batch)  # the pieces below take the one micro-batch
 
   def loss(p):
     total, count = token_loss(trainer.model(p), batch, dropout_key=key)

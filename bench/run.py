@@ -86,7 +86,9 @@ def _table(r: dict) -> str:
       f"MFU / matmul peak, 1 device        {m['one_device']:.2f}  (PyTorch {m['pytorch_one_device']:.2f})",
       f"MFU / matmul peak, 8-device mesh   {m['mesh_8']:.2f}",
       f"packing efficiency                 {p['packed']:.2f}  (pad to 2048 {p['pad_to_max_length']:.2f}, "
-      f"pad to batch max {p['pad_to_batch_max']:.2f}; rows as needed {p['packed_rows_as_needed']:.2f})",
+      f"pad to batch max {p['pad_to_batch_max']:.2f}; whole step at once {p['packed_whole_step']:.2f})",
+      "  by rows per micro-batch          " + ", ".join(
+          f"{rows}: {e:.2f}" for rows, e in p["packed_by_micro_batch_rows"].items()),
       f"compile 80 / 2 layers              {r['compile_ratio_80_vs_2']:.2f}  "
       f"({c['total_s_80']:.1f}s / {c['total_s_2']:.1f}s)",
       f"tokens/s vs PyTorch                {r['vs_pytorch']:.2f}",

@@ -19,7 +19,7 @@ def measure(epochs: int) -> dict:
   seconds = {}
   started = time.perf_counter()
   import jax  # pylint: disable=import-outside-toplevel
-  from lima_jax import checkpoint, config, data  # pylint: disable=import-outside-toplevel
+  from lima_jax import checkpoint, config  # pylint: disable=import-outside-toplevel
   from lima_jax import train  # pylint: disable=import-outside-toplevel
   from lima_jax.cli import quiet_logs  # pylint: disable=import-outside-toplevel
   seconds["imports"] = time.perf_counter() - started
@@ -44,8 +44,7 @@ def measure(epochs: int) -> dict:
     lap("state_init")
 
     def batch_of(step):
-      return s.trainer.put_batch(data.pack_step(
-          [s.examples[i] for i in s.plan.example_ids(step)], s.rows, cfg.data.max_length))
+      return s.trainer.put_batch(s.layout.pack([s.examples[i] for i in s.plan.example_ids(step)]))
 
     step_fn = s.trainer.train_step.lower(state, batch_of(0)).compile()
     lap("compile")

@@ -35,8 +35,8 @@ class TorchReference:
     self.opt = torch.optim.AdamW(self.model.parameters(), lr=opt_cfg.learning_rate,
                                  betas=(opt_cfg.b1, opt_cfg.b2), eps=opt_cfg.eps,
                                  weight_decay=opt_cfg.weight_decay)
-    self.tokens = torch.from_numpy(batch["tokens"]).long()
-    self.targets = torch.from_numpy(batch["targets"]).long()
+    self.tokens = torch.from_numpy(batch["tokens"][0]).long()  # the one micro-batch
+    self.targets = torch.from_numpy(batch["targets"][0]).long()
     self.torch = torch
 
   def step(self) -> float:

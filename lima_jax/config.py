@@ -14,6 +14,7 @@ import ml_collections
 from lima_jax.errors import LimaError
 
 REMAT_POLICIES = ("none", "full", "save_dots")
+ATTENTION_KERNELS = ("auto", "xla", "splash", "cudnn")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -53,6 +54,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.stop_after_steps = 0  # stop (with a checkpoint) after this step; the schedule is unchanged
   c.train.compile_cache_dir = "~/.cache/lima_jax/jax"  # compiled steps kept for reruns; "" = off
   c.train.max_bad_steps = 0  # non-finite steps skipped before the run stops (0 = stop at the first)
+  # Packed rows computed at once; a step runs as many such micro-batches as its examples need and
+  # sums their gradients. 0 = one row per batch shard (least padding and activation memory);
+  # -1 = a step's rows all at once (no accumulation; every step gets the worst step's rows).
+  c.train.micro_batch_rows = 0
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 1e-5
@@ -75,6 +80,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.tie_embeddings = False
   c.model.residual_dropout_top = 0.2
   c.model.remat = "none"
+  # auto: the Pallas splash kernel on TPU, cuDNN flash attention on GPU, XLA's on CPU
+  c.model.attention = "auto"
   c.model.param_dtype = "float32"
   c.model.compute_dtype = "bfloat16"
 
@@ -141,6 +148,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
            f"{m.n_kv_heads} does not divide model.n_heads={m.n_heads}")
   _require(0 <= m.residual_dropout_top < 1, "model.residual_dropout_top", "must be in [0, 1)")
   _require(m.remat in REMAT_POLICIES, "model.remat", f"must be one of {REMAT_POLICIES}")
+  _require(m.attention in ATTENTION_KERNELS, "model.attention",
+           f"must be one of {ATTENTION_KERNELS}, got {m.attention!r}")
   for key in ("param_dtype", "compute_dtype"):
     _require(m[key] in DTYPES, f"model.{key}", f"must be one of {DTYPES}, got {m[key]!r}")
   _require(c.mesh.cpu_devices >= 0, "mesh.cpu_devices", "must be >= 0")
@@ -148,6 +157,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(c.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0 (0 = off)")
   _require(c.checkpoint.every_minutes >= 0, "checkpoint.every_minutes", "must be >= 0 (0 = off)")
   _require(c.train.max_bad_steps >= 0, "train.max_bad_steps", "must be >= 0")
+  _require(c.train.micro_batch_rows >= -1, "train.micro_batch_rows",
+           "must be a row count, 0 (one row per batch shard) or -1 (a step at once)")
   epochs = tuple(c.eval.generate_epochs)
   _require(all(isinstance(e, int) and e >= 1 for e in epochs), "eval.generate_epochs",
            f"must list epoch numbers >= 1, got {epochs}")

@@ -15,7 +15,6 @@ import time
 
 import jax
 
-from lima_jax import data
 from lima_jax.errors import LimaError
 
 
@@ -72,7 +71,7 @@ def train_steps(setup, cfg, state, steps: range, ckpts, reporter) -> Outcome:
   record, epoch_loss = {}, [0.0, 0.0]  # token-weighted loss sum and token count of the epoch
   with StopRequest() as stop:
     for step in steps:
-      state, record = _one_step(setup, cfg, state, step)
+      state, record = _one_step(setup, state, step)
       reporter.step(record)
       if not (math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])):
         bad_steps += 1
@@ -100,9 +99,8 @@ def train_steps(setup, cfg, state, steps: range, ckpts, reporter) -> Outcome:
   return Outcome(record, None)
 
 
-def _one_step(setup, cfg, state, step) -> tuple[dict, dict]:
-  batch = data.pack_step([setup.examples[i] for i in setup.plan.example_ids(step)], setup.rows,
-                         cfg.data.max_length)
+def _one_step(setup, state, step) -> tuple[dict, dict]:
+  batch = setup.layout.pack([setup.examples[i] for i in setup.plan.example_ids(step)])
   t0 = time.perf_counter()
   state, metrics = setup.trainer.train_step(state, setup.trainer.put_batch(batch))
   metrics = jax.device_get(metrics)

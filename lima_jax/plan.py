@@ -66,17 +66,17 @@ def plan_run(cfg, topo: topology.Topology, *, num_examples: int | None = None,
   total_steps = epochs.steps_per_epoch * cfg.train.epochs
   optimizer, schedule = optim.make_optimizer(cfg.optimizer, total_steps)
   trainer = Trainer(train.model_config(cfg.model, vocab), optimizer, schedule, mesh, cfg.seed)
-  rows, rows_source = _rows(cfg, examples, epochs, total_steps, mesh, avg_tokens)
+  layout, mean_rows, rows_source = _layout(cfg, examples, epochs, total_steps, mesh, avg_tokens)
 
   started = time.perf_counter()
   compiled = trainer.train_step.lower(trainer.abstract_state,
-                                      _abstract_batch(trainer, rows, cfg.data.max_length)).compile()
+                                      _abstract_batch(trainer, layout)).compile()
   compile_s = time.perf_counter() - started
   memory = compiled.memory_analysis()
   # Donated state: the outputs reuse the arguments' buffers (alias), so count them once.
   used = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
           + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
-  flops = _model_flops(trainer, rows, cfg.data.max_length)
+  flops = _model_flops(trainer, mean_rows, cfg.data.max_length)
   step_s = (flops / (topo.devices * topo.peak_flops * mfu)) if topo.peak_flops else None
   return {
       "topology": topo.name, "chip": topo.chip, "devices": topo.devices,
@@ -89,7 +89,9 @@ def plan_run(cfg, topo: topology.Topology, *, num_examples: int | None = None,
                           for e in range(cfg.train.epochs)],
       "dropout_per_layer": [round(float(p), 6) for p in residual_dropout_rates(
           cfg.model.n_layers, cfg.model.residual_dropout_top)],
-      "rows_per_step": rows, "rows_source": rows_source, "max_length": cfg.data.max_length,
+      "rows_per_step": layout.micro_batches * layout.rows, "micro_batches": layout.micro_batches,
+      "micro_batch_rows": layout.rows, "mean_rows_computed": mean_rows,
+      "rows_source": rows_source, "max_length": cfg.data.max_length,
       "batch_shards": sharding.batch_ways(mesh),
       "argument_bytes": memory.argument_size_in_bytes, "output_bytes": memory.output_size_in_bytes,
       "alias_bytes": memory.alias_size_in_bytes, "temp_bytes": memory.temp_size_in_bytes,
@@ -127,31 +129,38 @@ def _load_examples(cfg, tokenizer) -> list:
                               train_on_prompt=cfg.data.train_on_prompt, data_dir=tmp)
 
 
-def _rows(cfg, examples, epochs, total_steps, mesh, avg_tokens) -> tuple[int, str]:
-  """Packed rows per step as training will use them, and where the number came from."""
-  if cfg.data.rows_per_step or examples is not None:
-    rows = train.packed_rows(cfg, examples, epochs, total_steps, mesh)
-    return rows, ("data.rows_per_step" if cfg.data.rows_per_step
-                  else "the worst step of data.train_path")
+def _layout(cfg, examples, epochs, total_steps, mesh, avg_tokens):
+  """(the batch layout training will use, the rows a step computes on average, where the
+  numbers came from). A step computes only the micro-batches its examples fill."""
+  length = cfg.data.max_length
+  if examples is not None:
+    counts = train.step_token_counts(examples, epochs, range(total_steps))
+    layout = train.step_layout(cfg, counts, mesh, cfg.data.rows_per_step)
+    used = [math.ceil(data.rows_needed([c], length) / layout.rows) for c in counts]
+    source = ("data.rows_per_step" if cfg.data.rows_per_step
+              else "the worst step of data.train_path")
+    return layout, layout.rows * sum(used) / len(used), source
+  if cfg.data.rows_per_step:
+    layout = train.step_layout(cfg, [], mesh, cfg.data.rows_per_step)
+    return layout, layout.micro_batches * layout.rows, "data.rows_per_step"
   if avg_tokens < 1:
     raise LimaError(f"--avg_tokens: must be positive, got {avg_tokens}")
-  ways = sharding.batch_ways(mesh)
-  needed = math.ceil(cfg.train.batch_size * min(avg_tokens, cfg.data.max_length)
-                     / cfg.data.max_length)
-  return -(-needed // ways) * ways, (
-      f"assumed: {cfg.train.batch_size} examples x ~{avg_tokens} tokens / {cfg.data.max_length} "
-      f"= {needed} rows, rounded up to the {ways} batch shards; the real count depends on the "
-      "data (set data.rows_per_step, or data.train_path to count it)")
+  needed = math.ceil(cfg.train.batch_size * min(avg_tokens, length) / length)
+  layout = train.step_layout(cfg, [], mesh, needed)
+  return layout, layout.micro_batches * layout.rows, (
+      f"assumed: {cfg.train.batch_size} examples x ~{avg_tokens} tokens / {length} = {needed} "
+      "rows; the real count depends on the data (set data.rows_per_step, or data.train_path to "
+      "count it)")
 
 
-def _abstract_batch(trainer: Trainer, rows: int, length: int) -> dict:
-  empty = data.pack_step([], 1, length)  # the dtypes training feeds
-  return {k: jax.ShapeDtypeStruct((rows, length), empty[k].dtype, sharding=trainer.batch_sharding)
+def _abstract_batch(trainer: Trainer, layout: data.StepLayout) -> dict:
+  empty = data.pack_step([], 1, layout.length)  # the dtypes training feeds
+  return {k: jax.ShapeDtypeStruct(layout.shape, empty[k].dtype, sharding=trainer.batch_sharding)
           for k in BATCH_KEYS}
 
 
-def _model_flops(trainer: Trainer, rows: int, length: int) -> float:
-  """Model FLOPs of one step over every packed position (padding included: it is computed).
+def _model_flops(trainer: Trainer, rows: float, length: int) -> float:
+  """Model FLOPs of a step computing `rows` packed rows (padding included: it is computed).
 
   6 per matmul weight per token (forward + backward) plus the attention scores, as in the usual
   MFU definition; remat's recomputation is not counted. XLA's cost analysis is not used: it
@@ -180,10 +189,10 @@ def advice(report: dict, cfg, topo: topology.Topology) -> list[str]:
     tips.append(f"--config.model.remat=full (now {cfg.model.remat}): recompute each layer in "
                 "the backward pass instead of keeping its activations")
   ways = report["batch_shards"]
-  if report["rows_per_step"] > ways:
-    tips.append(f"fewer packed rows: {report['rows_per_step']} rows of {report['max_length']} "
-                f"per step ({report['rows_per_step'] // ways} per batch shard); a smaller "
-                "train.batch_size or data.max_length, or data.rows_per_step if the data allows")
+  if report["micro_batch_rows"] > ways:
+    tips.append(f"smaller micro-batches: --config.train.micro_batch_rows=0 (one row of "
+                f"{report['max_length']} per batch shard; now {report['micro_batch_rows']} rows "
+                f"over {ways} shards): activations are kept for one micro-batch at a time")
   return tips
 
 
@@ -205,8 +214,9 @@ def render(report: dict, config_name: str) -> str:
       f"  steps     {report['num_examples']:,} examples, batch {report['batch_size']}: "
       f"{report['steps_per_epoch']} steps/epoch x {report['epochs']} epochs = "
       f"{report['total_steps']} steps",
-      f"  rows      {report['rows_per_step']} packed rows x {report['max_length']} tokens per "
-      f"step ({report['rows_source']})",
+      f"  rows      up to {report['micro_batches']} micro-batches x "
+      f"{report['micro_batch_rows']} packed rows x {report['max_length']} tokens per step, "
+      f"{report['mean_rows_computed']:.1f} rows computed on average ({report['rows_source']})",
       "  lr        at each epoch's end: "
       + ", ".join(f"{lr:.3g}" for lr in report["lr_at_epoch_end"]),
       f"  dropout   per layer ({len(report['dropout_per_layer'])} layers, bottom to top):",

@@ -111,6 +111,11 @@ def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, spec_of(("batch", "length")))
 
 
+def micro_batch_sharding(mesh) -> NamedSharding:
+  """A train batch [micro_batches, rows, length]: every micro-batch split over the batch axes."""
+  return NamedSharding(mesh, PartitionSpec(None, *spec_of(("batch", "length"))))
+
+
 def batch_ways(mesh) -> int:
   """How many shards the batch's row dimension is split into."""
   return int(np.prod([mesh.shape[a] for a in LOGICAL_RULES["batch"]]))

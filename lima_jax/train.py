@@ -67,30 +67,38 @@ def step_token_counts(examples, plan, steps):
   return [[len(examples[i].ids) for i in plan.example_ids(s)] for s in steps]
 
 
-def packed_rows(cfg, examples, plan, total_steps, mesh) -> int:
-  """The static row count of every step: the configured one, or the fewest that fit all steps,
-  rounded up so the rows split evenly over the mesh's batch axes."""
-  rows = cfg.data.rows_per_step or data.rows_needed(
-      step_token_counts(examples, plan, range(total_steps)), cfg.data.max_length)
+def step_layout(cfg, lengths_per_step, mesh, rows_per_step: int = 0) -> data.StepLayout:
+  """The static batch layout of every step: `rows_per_step` rows (0: the fewest that fit every
+  step in `lengths_per_step`), in micro-batches of train.micro_batch_rows rows that split evenly
+  over the mesh's batch shards."""
+  rows = rows_per_step or data.rows_needed(lengths_per_step, cfg.data.max_length)
   ways = sharding.batch_ways(mesh)
-  return -(-rows // ways) * ways
+  micro = cfg.train.micro_batch_rows
+  if micro == -1:  # the whole step at once
+    micro = -(-rows // ways) * ways
+  elif micro == 0:
+    micro = ways
+  elif micro % ways:
+    raise LimaError(f"config train.micro_batch_rows: {micro} rows do not split over the mesh's "
+                    f"{ways} batch shards (mesh.data x mesh.fsdp); use a multiple of {ways}")
+  return data.step_layout(rows, micro, cfg.data.max_length)
 
 
 class DevSet:
   """Dev loss and perplexity over every dev example, packed like training steps."""
 
-  def __init__(self, examples, batch_size, length, mesh):
+  def __init__(self, examples, cfg, mesh):
+    batch_size = cfg.train.batch_size
     self.steps = [list(chunk) for chunk in np.array_split(
         np.arange(len(examples)), max(1, -(-len(examples) // batch_size)))]
-    lengths = [[len(examples[i].ids) for i in ids] for ids in self.steps]
-    ways = sharding.batch_ways(mesh)
-    self.rows = -(-data.rows_needed(lengths, length) // ways) * ways
-    self.examples, self.length = examples, length
+    self.layout = step_layout(cfg, [[len(examples[i].ids) for i in ids] for ids in self.steps],
+                              mesh)
+    self.examples = examples
 
   def evaluate(self, trainer, params) -> dict:
     loss_sum = tokens = 0.0
     for ids in self.steps:
-      batch = data.pack_step([self.examples[i] for i in ids], self.rows, self.length)
+      batch = self.layout.pack([self.examples[i] for i in ids])
       out = jax.device_get(trainer.eval_step(params, trainer.put_batch(batch)))
       loss_sum, tokens = loss_sum + float(out["loss_sum"]), tokens + float(out["tokens"])
     loss = loss_sum / max(tokens, 1.0)
@@ -106,7 +114,7 @@ class Setup:
   dev: DevSet | None
   plan: data.EpochPlan
   total_steps: int
-  rows: int
+  layout: data.StepLayout
   trainer: Trainer
   meta: dict
   generations: generate.EpochGenerations  # dev generations of eval.generate_epochs
@@ -138,9 +146,10 @@ def prepare(cfg, workdir: str) -> Setup:
           "total_steps": total_steps}
   return Setup(
       tokenizer=tokenizer, examples=examples, plan=plan, total_steps=total_steps,
-      dev=DevSet(dev_examples, cfg.train.batch_size, cfg.data.max_length, mesh)
-      if dev_examples else None,
-      rows=packed_rows(cfg, examples, plan, total_steps, mesh), trainer=trainer, meta=meta,
+      dev=DevSet(dev_examples, cfg, mesh) if dev_examples else None,
+      layout=step_layout(cfg, step_token_counts(examples, plan, range(total_steps)), mesh,
+                         cfg.data.rows_per_step),
+      trainer=trainer, meta=meta,
       generations=generate.EpochGenerations(cfg, trainer, tokenizer, workdir, meta))
 
 
@@ -199,7 +208,8 @@ def run(cfg, workdir: str) -> dict:
   end = min(s.total_steps, cfg.train.stop_after_steps or s.total_steps)
   print(f"lima_jax: {s.trainer.num_params / 1e6:.2f}M params, {len(s.examples)} examples, "
         f"{s.plan.steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs = {s.total_steps} "
-        f"steps, {s.rows} packed rows x {cfg.data.max_length} per step, mesh "
+        f"steps, up to {s.layout.micro_batches} x {s.layout.rows} packed rows x "
+        f"{cfg.data.max_length} per step, mesh "
         f"{dict(s.trainer.mesh.shape)}, {f'resuming at step {start}' if start else 'fresh start'}"
         f"; set-up {time.perf_counter() - started:.1f}s", flush=True)
   reporter = RunReporter(workdir, total_steps=s.total_steps, initial_step=start)

@@ -4,6 +4,10 @@ The state is a plain pytree, {'step', 'params', 'opt_state'}, with params as a p
 checkpoints and weight converters use). It is created already sharded by a jitted init, so a big
 model never exists whole on one host. The train step is `jax.jit` with explicit in/out shardings
 and a donated state.
+
+A batch is [micro_batches, rows, length] (`lima_jax.data.StepLayout`). The steps loop over the
+micro-batches that hold tokens and sum their losses and gradients, each scaled by the whole
+step's token count, so the update equals the one over all rows at once.
 """
 
 import dataclasses
@@ -54,7 +58,7 @@ class Trainer:
     self.abstract_state = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
         shapes, self.state_shardings)
-    self.batch_sharding = sharding.batch_sharding(self.mesh)
+    self.batch_sharding = sharding.micro_batch_sharding(self.mesh)
     batch_shardings = {k: self.batch_sharding for k in BATCH_KEYS}
     self._constrain = sharding.constrainer(self.mesh)
     self.init = jax.jit(self._init, out_shardings=self.state_shardings)
@@ -82,17 +86,25 @@ class Trainer:
     return nnx.merge(self.graphdef, params)
 
   def _train_step(self, state, batch):
-    # Dropout randomness is a function of (seed, step) alone, so a resumed run repeats it exactly;
-    # the model folds in the layer index.
-    dropout_key = jax.random.fold_in(jax.random.key(self.seed), state["step"])
+    # Dropout randomness is a function of (seed, step, micro-batch) alone, so a resumed run
+    # repeats it exactly; the model folds in the layer index.
+    step_key = jax.random.fold_in(jax.random.key(self.seed), state["step"])
+    # The mean over the step's target tokens; a step with none (impossible in practice) is 0.
+    count = jnp.sum(batch["weights"])
+    scale = 1.0 / jnp.maximum(count, 1.0)
 
-    def loss_fn(params):
-      total, count = token_loss(self.model(params), batch, dropout_key=dropout_key,
-                                constrain=self._constrain)
-      # The mean over the step's target tokens; a step with none (impossible in practice) is 0.
-      return total / jnp.maximum(count, 1.0), count
+    def micro_loss_and_grads(micro, index):
+      def loss_fn(params):
+        total, _ = token_loss(self.model(params), micro,
+                              dropout_key=jax.random.fold_in(step_key, index),
+                              constrain=self._constrain)
+        return total * scale
+      return jax.value_and_grad(loss_fn)(state["params"])
 
-    (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    zero_grads = jax.lax.with_sharding_constraint(
+        jax.tree.map(jnp.zeros_like, state["params"]), self.state_shardings["params"])
+    loss, grads = _sum_over_micro_batches(micro_loss_and_grads, batch,
+                                          (jnp.zeros((), jnp.float32), zero_grads))
     grad_norm = optax.tree.norm(grads)
 
     def update(_):
@@ -110,16 +122,24 @@ class Trainer:
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
   def _eval_step(self, params, batch):
-    total, count = token_loss(self.model(params), batch, constrain=self._constrain)
-    return {"loss_sum": total, "tokens": count}
+    model = self.model(params)
+
+    def micro_sums(micro, index):
+      del index
+      total, count = token_loss(model, micro, constrain=self._constrain)
+      return {"loss_sum": total, "tokens": count}
+
+    zero = jnp.zeros((), jnp.float32)
+    return _sum_over_micro_batches(micro_sums, batch, {"loss_sum": zero, "tokens": zero})
 
   def put_batch(self, batch: dict) -> dict:
-    """Host numpy batch (the global step) -> global arrays; each process feeds its own rows."""
+    """Host numpy batch (the global step, [micro_batches, rows, length]) -> global arrays; each
+    process feeds its own rows of every micro-batch."""
     out = {}
     for key in BATCH_KEYS:
       rows = _process_rows(self.batch_sharding, batch[key].shape)
       out[key] = jax.make_array_from_process_local_data(
-          self.batch_sharding, batch[key][rows], batch[key].shape)
+          self.batch_sharding, batch[key][:, rows], batch[key].shape)
     return out
 
 
@@ -133,9 +153,27 @@ def _zero_padding_rows(params, cfg: LlamaConfig):
   return params
 
 
+def _sum_over_micro_batches(fn, batch, zeros):
+  """The sum of fn(micro_batch, index) over the micro-batches that hold tokens.
+
+  They come first (rows fill in order), so a loop with a traced trip count skips the padding
+  ones: a short step computes fewer micro-batches than the longest, in one compiled program.
+  """
+  micro_batches = batch["tokens"].shape[0]
+
+  def take(i):
+    return jax.tree.map(lambda x: x[i], batch)
+
+  if micro_batches == 1:  # no loop, and no accumulator beside the gradients
+    return fn(take(0), 0)
+  used = jnp.sum(jnp.any(batch["segment_ids"] > 0, axis=(1, 2)))
+  return jax.lax.fori_loop(
+      0, used, lambda i, acc: jax.tree.map(jnp.add, acc, fn(take(i), i)), zeros)
+
+
 def _process_rows(batch_sharding, shape) -> slice:
-  """The contiguous rows of the global batch that this process's devices hold."""
+  """The contiguous rows of every micro-batch that this process's devices hold."""
   index_map = batch_sharding.addressable_devices_indices_map(shape)
-  starts = [idx[0].start or 0 for idx in index_map.values()]
-  stops = [shape[0] if idx[0].stop is None else idx[0].stop for idx in index_map.values()]
+  starts = [idx[1].start or 0 for idx in index_map.values()]
+  stops = [shape[1] if idx[1].stop is None else idx[1].stop for idx in index_map.values()]
   return slice(min(starts), max(stops))

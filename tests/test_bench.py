@@ -48,8 +48,9 @@ def test_train_flops_are_6n_plus_attention(tiny):
 
 
 def test_synthetic_batch_is_one_full_example_per_row():
-  batch = common.synthetic_batch(2, 16, 50)
-  assert all(batch[k].shape == (2, 16) for k in batch)
+  step = common.synthetic_batch(2, 16, 50)
+  assert all(v.shape == (1, 2, 16) for v in step.values())  # one micro-batch of two rows
+  batch = {k: v[0] for k, v in step.items()}
   np.testing.assert_array_equal(batch["tokens"][:, 1:], batch["targets"][:, :-1])
   assert (batch["segment_ids"] == 1).all() and (batch["weights"] == 1).all()
   np.testing.assert_array_equal(batch["positions"][1], np.arange(16))
@@ -65,29 +66,35 @@ def test_lima_lengths_are_seeded_trimmed_and_mean_750():
 
 def test_efficiency_of_examples_that_pack_exactly():
   # Four examples of 33 tokens take 32 positions each: two per 64-position row.
-  out = packing_efficiency.efficiencies([33] * 4, batch_size=4, epochs=2, max_length=64)
-  assert out["rows_per_step"] == 2
-  assert out["packed"] == pytest.approx(1.0)
+  out = packing_efficiency.efficiencies([33] * 4, batch_size=4, epochs=2, max_length=64,
+                                        micro_batch_rows=(1, 2))
+  assert out["micro_batches_per_step"] == 2 and out["rows_per_step_whole"] == 2
+  assert out["packed"] == pytest.approx(1.0) and out["packed_whole_step"] == pytest.approx(1.0)
+  assert out["packed_by_micro_batch_rows"] == pytest.approx({"1": 1.0, "2": 1.0})
   assert out["pad_to_max_length"] == pytest.approx(0.5)
   assert out["pad_to_batch_max"] == pytest.approx(1.0)
 
 
-def test_static_rows_cost_the_light_steps():
-  # However the epoch is permuted, some step needs two 64-position rows, so every step gets
-  # two: the efficiency counts both rows of every step.
-  out = packing_efficiency.efficiencies([33, 33, 33, 33, 5, 5, 5], batch_size=4, epochs=1,
-                                        max_length=64)
-  real = 4 * 32 + 3 * 4
-  assert out["rows_per_step"] == 2
-  assert out["packed"] == pytest.approx(real / (2 * 2 * 64))
-  assert out["packed_rows_as_needed"] >= out["packed"]
+def test_micro_batches_skip_what_a_light_step_does_not_fill():
+  # Five examples of 39 positions, one per 64-position row, four per step: the first step fills
+  # four rows, the last one. A whole-step layout computes four rows in both steps; one-row
+  # micro-batches compute the five rows that hold tokens.
+  out = packing_efficiency.efficiencies([40] * 5, batch_size=4, epochs=1, max_length=64,
+                                        micro_batch_rows=(1, 2, 4))
+  real = 5 * 39
+  assert out["rows_per_step_whole"] == 4
+  assert out["packed_whole_step"] == pytest.approx(real / (8 * 64))
+  assert out["packed"] == pytest.approx(real / (5 * 64))
+  assert out["packed_by_micro_batch_rows"] == pytest.approx(
+      {"1": real / (5 * 64), "2": real / (6 * 64), "4": real / (8 * 64)})
 
 
 def test_table_reports_every_figure():
   share = {"imports": 0.5, "steps": 0.5}
   result = {"mfu_vs_matmul": {"one_device": 0.5, "mesh_8": 0.3, "pytorch_one_device": 0.4},
             "packing_efficiency": {"packed": 0.8, "pad_to_max_length": 0.4,
-                                   "pad_to_batch_max": 0.4, "packed_rows_as_needed": 0.9},
+                                   "pad_to_batch_max": 0.4, "packed_whole_step": 0.6,
+                                   "packed_by_micro_batch_rows": {"1": 0.8, "16": 0.7}},
             "compile": {"total_s_80": 2.0, "total_s_2": 1.9}, "compile_ratio_80_vs_2": 1.05,
             "vs_pytorch": 1.2, "startup_share": share, "startup_s": {"imports": 1.0, "steps": 1.0},
             "elapsed_s": 10.0}

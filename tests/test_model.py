@@ -99,7 +99,8 @@ def _one_step(mesh, batch):
   tx, schedule = optim.make_optimizer(opt_cfg, total_steps=10)
   trainer = Trainer(CFG, tx, schedule, mesh, seed=0)
   state = trainer.init(0)
-  state, metrics = trainer.train_step(state, trainer.put_batch(batch))
+  # One micro-batch of all rows: [1, rows, length].
+  state, metrics = trainer.train_step(state, trainer.put_batch({k: v[None] for k, v in batch.items()}))
   return jax.device_get(state["params"]), jax.device_get(metrics)
 
 

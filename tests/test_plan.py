@@ -63,8 +63,9 @@ def test_lima_recipe_counts_steps_lr_and_dropout():
   lrs = report["lr_at_epoch_end"]
   assert len(lrs) == 15 and lrs[-1] == pytest.approx(1e-6) and lrs[0] == pytest.approx(9.4e-6)
   assert report["dropout_per_layer"] == pytest.approx([0.0, 0.1, 0.2, 0.3])
-  # 32 examples x ~750 tokens fill 24 rows of 1024 (a multiple of the 8 batch shards).
+  # 32 examples x ~750 tokens fill 24 rows of 1024: 3 micro-batches of one row per batch shard.
   assert report["rows_per_step"] == 24 and report["rows_source"].startswith("assumed")
+  assert (report["micro_batches"], report["micro_batch_rows"]) == (3, 8)
   assert 0 < report["bytes_per_device"] <= report["hbm_bytes_per_device"]
   assert report["bytes_per_device"] >= report["argument_bytes"] + report["temp_bytes"]
   assert report["step_time_s"] is None  # no peak FLOP/s for a CPU
@@ -79,12 +80,13 @@ def test_a_dimension_that_does_not_divide_its_mesh_axis_is_refused():
 
 def test_65b_does_not_fit_a_v4_8_and_the_advice_says_what_to_change():
   cfg = preset("lima_65b")
+  cfg.train.micro_batch_rows = -1  # a whole step at once
   topo = topology.parse("v4-8")
   report = plan.plan_run(cfg, topo, num_examples=1000)
   assert not report["fits"] and report["bytes_per_device"] > 32 * topology.GIB
   tips = plan.advice(report, cfg, topo)
   assert "more fsdp" in tips[0] and "--topology=v4-" in tips[0]
-  assert any("packed rows" in tip for tip in tips)
+  assert any("micro_batch_rows=0" in tip for tip in tips)
 
 
 def test_a_topology_larger_than_the_started_backend_is_refused():

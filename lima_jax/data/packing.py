@@ -1,10 +1,16 @@
-"""Packing a step's examples into a fixed number of rows, so shapes stay static all run.
+"""Packing a step's examples into rows of a fixed layout, so shapes stay static all run.
 
 An example of n tokens feeds t[:-1] to the model and predicts t[1:], so it takes n - 1
 positions. Examples go into rows first-fit decreasing; each keeps its own segment id and
 positions, and the model's segment mask stops attention across examples.
+
+A step's rows are grouped into micro-batches of equal size (`StepLayout`): the train step
+computes only the micro-batches that hold tokens and sums their gradients, so a short step costs
+less than the longest one while every shape stays the same.
 """
 
+import dataclasses
+import math
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -81,3 +87,26 @@ def pack_step(examples: Sequence[Example], rows: int, length: int) -> dict[str, 
     batch["positions"][row, start:end] = np.arange(end - start)
     offset[row] = end
   return batch
+
+
+@dataclasses.dataclass(frozen=True)
+class StepLayout:
+  """A step's batch shape: `micro_batches` groups of `rows` rows of `length` positions."""
+  micro_batches: int
+  rows: int
+  length: int
+
+  @property
+  def shape(self) -> tuple[int, int, int]:
+    return (self.micro_batches, self.rows, self.length)
+
+  def pack(self, examples: Sequence[Example]) -> dict[str, np.ndarray]:
+    """pack_step's arrays as [micro_batches, rows, length]. Rows fill in order, so the
+    micro-batches that hold tokens come first and the rest are all padding."""
+    batch = pack_step(examples, self.micro_batches * self.rows, self.length)
+    return {k: v.reshape(self.shape) for k, v in batch.items()}
+
+
+def step_layout(rows_per_step: int, micro_rows: int, length: int) -> StepLayout:
+  """The layout that holds `rows_per_step` rows in micro-batches of `micro_rows` rows."""
+  return StepLayout(max(1, math.ceil(rows_per_step / micro_rows)), micro_rows, length)
