@@ -125,10 +125,17 @@ def _one_line(error: Exception) -> str:
   return text[:200] + ("..." if len(text) > 200 else "")
 
 
+# How a step is computed, not what it computes: a run may resume with another choice (say, more
+# remat after running out of memory).
+EXECUTION_ONLY_FIELDS = ("remat", "attention")
+
+
 def check_same_model(meta: dict, model_fields: dict, where: str) -> None:
   """Refuses to resume a workdir whose checkpoints hold a differently shaped model."""
   saved = meta.get("model", {})
   for key, value in model_fields.items():
+    if key in EXECUTION_ONLY_FIELDS:
+      continue
     if key in saved and saved[key] != value:
       raise LimaError(f"{where}: holds a checkpoint with model.{key}={saved[key]!r}, but the "
                       f"config says {value!r}; use a fresh --workdir or the same model config")

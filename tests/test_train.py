@@ -74,6 +74,16 @@ def test_a_workdir_of_another_model_is_refused(finished_run):
     train.run(other, workdir)
 
 
+def test_resuming_with_another_remat_policy_is_allowed(tmp_path):
+  stopped = tiny_config()
+  stopped.train.stop_after_steps = 2
+  train.run(stopped, str(tmp_path))
+  resumed = tiny_config()
+  resumed.train.stop_after_steps = 3
+  resumed.model.remat = "full"  # e.g. after running out of memory
+  assert train.run(resumed, str(tmp_path))["step"] == 3
+
+
 def test_cli_shows_progress_and_exits_zero(tmp_path):
   args = ["--config.train.epochs=1", "--config.train.batch_size=16", "--config.data.max_length=64",
           "--config.model.n_layers=1", f"--workdir={tmp_path}"]
