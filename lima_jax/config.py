@@ -14,6 +14,7 @@ import ml_collections
 from lima_jax.errors import LimaError
 
 REMAT_POLICIES = ("none", "full", "save_dots")
+ATTENTION_KERNELS = ("auto", "xla", "splash", "cudnn")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -75,6 +76,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.tie_embeddings = False
   c.model.residual_dropout_top = 0.2
   c.model.remat = "none"
+  # auto: the Pallas splash kernel on TPU, cuDNN flash attention on GPU, XLA's on CPU
+  c.model.attention = "auto"
   c.model.param_dtype = "float32"
   c.model.compute_dtype = "bfloat16"
 
@@ -141,6 +144,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
            f"{m.n_kv_heads} does not divide model.n_heads={m.n_heads}")
   _require(0 <= m.residual_dropout_top < 1, "model.residual_dropout_top", "must be in [0, 1)")
   _require(m.remat in REMAT_POLICIES, "model.remat", f"must be one of {REMAT_POLICIES}")
+  _require(m.attention in ATTENTION_KERNELS, "model.attention",
+           f"must be one of {ATTENTION_KERNELS}, got {m.attention!r}")
   for key in ("param_dtype", "compute_dtype"):
     _require(m[key] in DTYPES, f"model.{key}", f"must be one of {DTYPES}, got {m[key]!r}")
   _require(c.mesh.cpu_devices >= 0, "mesh.cpu_devices", "must be >= 0")
