@@ -45,6 +45,7 @@ def _skeleton_loss(params, x, n_layers):
 
 def build(trainer, model_cfg, state, batch, dropout_top):
   """name -> (compiled fn, args) for every timed piece."""
+  from lima_jax import attention as attention_lib  # pylint: disable=import-outside-toplevel
   from lima_jax import model as model_lib  # pylint: disable=import-outside-toplevel
   from lima_jax.train_state import token_loss  # pylint: disable=import-outside-toplevel
   cfg = model_cfg
@@ -78,10 +79,10 @@ def build(trainer, model_cfg, state, batch, dropout_top):
   x = jax.random.normal(key, (ROWS, LENGTH, cfg.d_model), jnp.float32)
   shape = (ROWS, LENGTH, cfg.n_heads, cfg.head_dim)
   q, k, v = (jax.random.normal(jax.random.key(i), shape) for i in range(3))
-  mask = model_lib.segment_causal_mask(batch["segment_ids"])
+  mask = attention_lib.segment_causal_mask(batch["segment_ids"])
 
   def attention(q, k, v):
-    return jnp.sum(model_lib.causal_attention(q, k, v, mask) ** 2)
+    return jnp.sum(attention_lib.causal_attention(q, k, v, mask) ** 2)
   layers = cfg.n_layers
   pieces["attention_core_one_layer"] = (jax.jit(jax.grad(attention, argnums=(0, 1, 2))), (q, k, v))
 

@@ -6,17 +6,20 @@ each sub-layer's output before the residual add, a scanned stack of blocks, and 
 `Llama.extend` is the inference path of the same stack: it reads and extends a KV cache.
 
 Params carry logical axis names (`lima_jax.sharding` maps them onto the mesh); activations are
-constrained by the `constrain` callable the caller passes in, so this file knows no mesh.
+constrained by the `sharding.Constrainer` the caller passes in, so this file knows no mesh. The
+attention kernel (`lima_jax.attention`) is chosen by `attention` in the config and the platform.
 """
 
 import dataclasses
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-Constrain = Callable[[jax.Array, tuple], jax.Array]
+from lima_jax import attention
+from lima_jax.sharding import Constrainer
+
+NO_MESH = Constrainer()  # one device: nothing to constrain
 VOCAB_MULTIPLE = 128  # the padded vocabulary keeps the embedding and LM head tile-aligned on TPU
 
 
@@ -33,6 +36,7 @@ class LlamaConfig:
   tie_embeddings: bool = False
   residual_dropout_top: float = 0.0  # LIMA: 0.3 for 65B, 0.2 for smaller models
   remat: str = "none"  # none | full | save_dots
+  attention: str = "auto"  # auto | xla | splash | cudnn: see lima_jax.attention
   param_dtype: str = "float32"
   compute_dtype: str = "float32"
 
@@ -54,11 +58,6 @@ def residual_dropout_rates(n_layers: int, top: float) -> jnp.ndarray:
 
 def _param(rngs, shape, names, dtype, init=nnx.initializers.normal(0.02)):
   return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names)
-
-
-def _no_constraint(x, names):
-  del names
-  return x
 
 
 class RMSNorm(nnx.Module):
@@ -91,34 +90,6 @@ def apply_rope(x, positions, theta: float):
   return rotated.astype(x.dtype)
 
 
-def segment_causal_mask(segment_ids):
-  """[B, 1, T, T] mask: a token sees earlier tokens of its own packed example only."""
-  length = segment_ids.shape[-1]
-  causal = jnp.tril(jnp.ones((length, length), jnp.bool_))
-  same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
-  return (same_segment & causal)[:, None, :, :]
-
-
-ATTENTION_BLOCK = 128
-
-
-def causal_attention(q, k, v, mask, block: int = ATTENTION_BLOCK):
-  """dot_product_attention under a causal `mask` (segment_causal_mask), by query blocks.
-
-  Query block i sees no key past its own end, so it attends to keys [0, (i+1) * block) only:
-  the blocks above the diagonal are never computed. At 512 tokens that is 10 of 16 blocks; on
-  CPU the layer's attention (forward + backward) takes half the time, with the same result.
-  """
-  length = q.shape[1]
-  if length <= block or length % block:
-    return jax.nn.dot_product_attention(q, k, v, mask=mask)
-  return jnp.concatenate([
-      jax.nn.dot_product_attention(q[:, start:start + block], k[:, :start + block],
-                                   v[:, :start + block],
-                                   mask=mask[:, :, start:start + block, :start + block])
-      for start in range(0, length, block)], axis=1)
-
-
 class Attention(nnx.Module):
   """Multi-head attention with grouped KV heads (n_kv_heads == n_heads is plain MHA)."""
 
@@ -141,15 +112,18 @@ class Attention(nnx.Module):
   def _output(self, out):
     return jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(out.dtype))
 
-  def __call__(self, x, positions, mask):
+  def __call__(self, x, positions, attend):
+    """`attend(q, k, v)`: causal attention within each packed example (attention.attender)."""
     q, k, v = self._project(x, positions)
-    return self._output(causal_attention(q, k, v, mask))
+    return self._output(attend(q, k, v))
 
   def cached(self, x, positions, mask, cache, layer, index):
     """Attention over a KV cache: writes this call's keys and values into layer `layer` of the
     stacked cache at slot `index`, then attends to every slot of that layer that `mask` allows.
 
-    Only the new slots are written, so a decode step does not copy the cache.
+    Only the new slots are written, so a decode step does not copy the cache. Generation stays on
+    XLA's attention whatever `attention` says: the cache's mask is not segment-causal, and a
+    decode step is one query per row, bound by reading the cache rather than by the kernel.
     """
     q, k, v = self._project(x, positions)
     at = (layer, 0, index, 0, 0)
@@ -192,16 +166,17 @@ class DecoderBlock(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs)
     self.mlp = FeedForward(cfg, rngs)
 
-  def __call__(self, x, positions, mask, dropout_rate, dropout_key, constrain: Constrain):
+  def __call__(self, x, positions, attend, dropout_rate, dropout_key, constrain: Constrainer):
     attn_key = mlp_key = None
     if dropout_key is not None:
       attn_key, mlp_key = jax.random.split(dropout_key)
-    x = x + residual_dropout(self.attn(self.attn_norm(x), positions, mask), dropout_rate, attn_key)
+    x = x + residual_dropout(self.attn(self.attn_norm(x), positions, attend), dropout_rate,
+                             attn_key)
     x = constrain(x, ("batch", "length", "act_embed"))
     x = x + residual_dropout(self.mlp(self.mlp_norm(x)), dropout_rate, mlp_key)
     return constrain(x, ("batch", "length", "act_embed"))
 
-  def cached(self, x, positions, mask, cache, layer, index, constrain: Constrain):
+  def cached(self, x, positions, mask, cache, layer, index, constrain: Constrainer):
     """The block at inference (no dropout), its attention reading and extending the KV cache."""
     attn_out, cache = self.attn.cached(self.attn_norm(x), positions, mask, cache, layer, index)
     x = constrain(x + attn_out, ("batch", "length", "act_embed"))
@@ -219,6 +194,9 @@ class Llama(nnx.Module):
 
   def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
     self.cfg = cfg
+    # Resolved here, so a kernel this platform cannot run fails when the model is built.
+    self.attention_kernel = attention.resolve(cfg.attention, attention.platform(),
+                                              cfg.compute_dtype)
     self.embed = _param(rngs, (cfg.padded_vocab, cfg.d_model), ("vocab", "embed"), cfg.param_dtype)
 
     # One block per layer, created with a leading 'layers' axis so the stack is scanned: compile
@@ -235,7 +213,7 @@ class Llama(nnx.Module):
                             cfg.param_dtype)
 
   def __call__(self, tokens, positions, segment_ids, *, dropout_key=None,
-               constrain: Constrain = _no_constraint):
+               constrain: Constrainer = NO_MESH):
     """Logits [B, T, padded_vocab] in fp32; the padding columns are -inf-like.
 
     dropout_key=None is evaluation: no dropout anywhere. With a key, layer l drops its sub-layer
@@ -243,7 +221,7 @@ class Llama(nnx.Module):
     """
     cfg = self.cfg
     x = self._embed(tokens, constrain)
-    mask = segment_causal_mask(segment_ids)
+    attend = attention.attender(self.attention_kernel, segment_ids, constrain.mesh)
     rates = residual_dropout_rates(cfg.n_layers, cfg.residual_dropout_top)
     layer_ids = jnp.arange(cfg.n_layers)
     block_def, block_state = nnx.split(self.blocks)
@@ -251,7 +229,7 @@ class Llama(nnx.Module):
     def layer(x, scanned):
       state, rate, index = scanned
       key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
-      return nnx.merge(block_def, state)(x, positions, mask, rate, key, constrain), None
+      return nnx.merge(block_def, state)(x, positions, attend, rate, key, constrain), None
 
     if cfg.remat != "none":
       layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
@@ -265,7 +243,7 @@ class Llama(nnx.Module):
     return {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
 
   def extend(self, tokens, positions, cache, index, slot_valid, *,
-             constrain: Constrain = _no_constraint):
+             constrain: Constrainer = NO_MESH):
     """Runs `tokens` [B, T] at cache slots index..index+T-1 (the prefill, or one decode step).
 
     slot_valid [B, S] marks the slots that hold a row's tokens (False on its padding). A token

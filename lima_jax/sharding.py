@@ -5,6 +5,7 @@ decides which mesh axis each name is split over. Changing the parallelism layout
 LOGICAL_RULES, nothing else.
 """
 
+import dataclasses
 import math
 
 import jax
@@ -71,11 +72,23 @@ def spec_of(names) -> PartitionSpec:
   return PartitionSpec(*(LOGICAL_RULES[n] if n is not None else None for n in names))
 
 
-def constrainer(mesh):
-  """The `constrain(x, logical_names)` callable the model uses for activations."""
-  def constrain(x, names):
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_of(names)))
-  return constrain
+@dataclasses.dataclass(frozen=True)
+class Constrainer:
+  """The `constrain(x, logical_names)` callable the model uses for activations.
+
+  It also carries the mesh, for the attention kernels XLA cannot partition by itself (they run
+  under shard_map). mesh=None: one device, nothing to constrain.
+  """
+  mesh: jax.sharding.Mesh | None = None
+
+  def __call__(self, x, names):
+    if self.mesh is None:
+      return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec_of(names)))
+
+
+def constrainer(mesh) -> Constrainer:
+  return Constrainer(mesh)
 
 
 def logical_names(abstract_state) -> dict:

@@ -1,6 +1,6 @@
 """Each speed-up gives the same loss and gradients as the code it replaced, within fp32 noise.
 
-Block-causal attention (lima_jax.model.causal_attention) against one
+Block-causal attention (lima_jax.attention.causal_attention) against one
 jax.nn.dot_product_attention over the whole segment-causal mask.
 """
 
@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lima_jax import model as model_lib
-from lima_jax.model import Llama, LlamaConfig, causal_attention, segment_causal_mask
+from lima_jax import attention
+from lima_jax.attention import causal_attention, segment_causal_mask
+from lima_jax.model import Llama, LlamaConfig
 from lima_jax.train_state import token_loss
 
 
@@ -56,7 +57,7 @@ def test_train_loss_and_grads_match_full_attention(monkeypatch):
                     ffn_dim=128, residual_dropout_top=0.3)
   with nnx.use_eager_sharding(False):
     graphdef, params = nnx.split(Llama(cfg, nnx.Rngs(0)))
-  rows, length = 2, 2 * model_lib.ATTENTION_BLOCK
+  rows, length = 2, 2 * attention.ATTENTION_BLOCK
   segments = _packed_segments(rows, length)
   tokens = jax.random.randint(jax.random.key(1), (rows, length + 1), 0, 301)
   batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
@@ -70,7 +71,7 @@ def test_train_loss_and_grads_match_full_attention(monkeypatch):
     return jax.jit(jax.value_and_grad(loss))(params)
 
   value, grads = loss_and_grads()
-  monkeypatch.setattr(model_lib, "causal_attention", _full_attention)
+  monkeypatch.setattr(attention, "causal_attention", _full_attention)
   ref_value, ref_grads = loss_and_grads()
   np.testing.assert_allclose(value, ref_value, rtol=1e-5)
   for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
