@@ -92,7 +92,10 @@ def open_kept(kept: run_files.Kept):
 
 def restore_kept(kept: run_files.Kept, source):
   """(trainer, params on its mesh) for params found by `run_files.locate`."""
-  trainer = Trainer(LlamaConfig(**kept.meta["model"]), optax.identity(),
+  # The kernel that trained the model may not run here (splash on a TPU pod, generation on a GPU
+  # or CPU): generation uses this machine's own.
+  model_cfg = LlamaConfig(**dict(kept.meta["model"], attention="auto"))
+  trainer = Trainer(model_cfg, optax.identity(),
                     optax.constant_schedule(0.0), _mesh(kept.meta["config"]["mesh"]), 0)
   return trainer, source.restore(trainer.abstract_state["params"])
 

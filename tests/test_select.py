@@ -2,6 +2,7 @@
 one-line errors, on a short toy run."""
 
 import html.parser
+import dataclasses
 import json
 import os
 import subprocess
@@ -9,7 +10,7 @@ import sys
 
 import pytest
 
-from lima_jax import config, run_files, select, train
+from lima_jax import config, generate, run_files, select, train
 from lima_jax.prompts import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,6 +124,15 @@ def test_generate_cli_answers_a_prompts_file(workdir, tmp_path):
   assert [r["source"] for r in records] == ["test", "multi"]
   assert records[1]["history"] == ["Hi", "Hello!"] and records[1]["prompt"] == "Name a colour."
   assert all(r["tokens"] <= 8 for r in records)
+
+
+def test_params_trained_with_a_tpu_kernel_generate_here(workdir):
+  kept = run_files.locate(workdir, epoch=1)
+  on_tpu = dataclasses.replace(kept, meta={**kept.meta,
+                                           "model": {**kept.meta["model"], "attention": "splash"}})
+  source, _ = generate.open_kept(on_tpu)
+  trainer, params = generate.restore_kept(on_tpu, source)
+  assert trainer.model(params).attention_kernel == "xla"  # this CPU's kernel
 
 
 @pytest.mark.parametrize("case", ["empty", "malformed", "too_long", "no_params", "choose"])
