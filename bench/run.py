@@ -1,12 +1,14 @@
 """The benchmark suite: every figure a ratio measured inside this one run.
 
-  python bench/run.py [--json] [--rounds 5] [--compile-repeats 3]
+  python bench/run.py [--json] [--rounds 5] [--compile-repeats 3] [--remat-rounds 3]
 
 1. MFU of the train step over the matmul peak the same process measures (1 device, 8 devices);
 2. packing efficiency on a LIMA-shaped length distribution (ours, pad to 2048, pad to batch max);
 3. compile time of an 80-layer model over a 2-layer one;
 4. the start-up split of the default toy run (seconds and share of the whole);
-5. tokens/s against transformers' LlamaForCausalLM + torch AdamW on the same CPU.
+5. tokens/s against transformers' LlamaForCausalLM + torch AdamW on the same CPU;
+6. remat policies (none / full / save_dots): step time and compiled-step memory over 'none' on the
+   benchmark model, and the planner's bytes per device for the 7B and 65B presets.
 
 Measurements that need a given device count run in fresh processes (JAX fixes the count when it
 starts). See bench/README.md for what each figure means.
@@ -37,12 +39,18 @@ def _worker(name: str, args: list[str]) -> None:
   elif name == "startup":
     import startup  # pylint: disable=import-outside-toplevel
     out = startup.measure(epochs=int(args[0]))
+  elif name == "remat":
+    import remat  # pylint: disable=import-outside-toplevel
+    out = remat.measure(rounds=int(args[0]))
+  elif name == "remat_plan":
+    import remat  # pylint: disable=import-outside-toplevel
+    out = {"plan": remat.plan_memory(args[0], args[1])}
   else:
     raise SystemExit(f"unknown worker {name}")
   print(json.dumps(out), flush=True)
 
 
-def run_all(rounds: int, compile_repeats: int, log) -> dict:
+def run_all(rounds: int, compile_repeats: int, remat_rounds: int, log) -> dict:
   started = time.perf_counter()
   log("packing efficiency ...")
   import packing_efficiency  # pylint: disable=import-outside-toplevel
@@ -55,6 +63,11 @@ def run_all(rounds: int, compile_repeats: int, log) -> dict:
   one = run_worker("throughput", 1, WORKER_TIMEOUT_S, rounds, 1)
   log("train step, 8 devices ...")
   eight = run_worker("throughput", 8, WORKER_TIMEOUT_S, rounds, 0)
+  log("remat policies, 1 device ...")
+  remat_ = run_worker("remat", 1, WORKER_TIMEOUT_S, remat_rounds)
+  log("remat policies, planner at 7B and 65B ...")
+  import remat  # pylint: disable=import-outside-toplevel
+  remat_plan = remat.plan_all()
   return {
       "mfu_vs_matmul": {"one_device": one["mfu_vs_matmul"], "mesh_8": eight["mfu_vs_matmul"],
                         "pytorch_one_device": one["torch_mfu_vs_matmul"],
@@ -70,6 +83,9 @@ def run_all(rounds: int, compile_repeats: int, log) -> dict:
       "tokens_per_s": {"jax_one_device": one["tokens_per_s"],
                        "jax_mesh_8": eight["tokens_per_s"],
                        "pytorch": one["torch_tokens_per_s"]},
+      "remat": remat_["figures"],
+      "remat_detail": remat_["detail"],
+      "remat_plan": remat_plan,
       "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                   "python": platform.python_version()},
       "elapsed_s": time.perf_counter() - started,
@@ -95,6 +111,8 @@ def _table(r: dict) -> str:
       "start-up split of the toy run (2 epochs):"]
   for phase, share in r["startup_share"].items():
     lines.append(f"  {phase:<30} {r['startup_s'][phase]:6.1f}s  {share:5.1%}")
+  import remat  # pylint: disable=import-outside-toplevel
+  lines.extend(remat.table_lines(r["remat"], r["remat_plan"]))
   lines.append(f"(suite took {r['elapsed_s']:.0f}s)")
   return "\n".join(lines)
 
@@ -104,13 +122,15 @@ def main() -> None:
   parser.add_argument("--json", action="store_true", help="print one JSON object")
   parser.add_argument("--rounds", type=int, default=5, help="timed train steps per device count")
   parser.add_argument("--compile-repeats", type=int, default=3)
+  parser.add_argument("--remat-rounds", type=int, default=3,
+                      help="interleaved rounds of the three remat policies' steps")
   parser.add_argument("--worker", help=argparse.SUPPRESS)
   args, rest = parser.parse_known_args()
   if args.worker:
     _worker(args.worker, rest)
     return
   log = (lambda msg: print(msg, file=sys.stderr, flush=True))
-  result = run_all(args.rounds, args.compile_repeats, log)
+  result = run_all(args.rounds, args.compile_repeats, args.remat_rounds, log)
   print(json.dumps(result, indent=1) if args.json else _table(result))
 
 

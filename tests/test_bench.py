@@ -1,4 +1,5 @@
-"""The benchmark suite's own logic at tiny sizes: the FLOPs formula and packing efficiency.
+"""The benchmark suite's own logic at tiny sizes: the FLOPs formula, packing efficiency, and
+that the remat policies change memory but not the step's loss or gradients.
 
 Timings are not tested here (they are machine noise); `python bench/run.py` measures them.
 """
@@ -7,6 +8,7 @@ import os
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -16,6 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import common  # noqa: E402  pylint: disable=wrong-import-position
 import flops  # noqa: E402  pylint: disable=wrong-import-position
 import packing_efficiency  # noqa: E402  pylint: disable=wrong-import-position
+import remat  # noqa: E402  pylint: disable=wrong-import-position
 import run  # noqa: E402  pylint: disable=wrong-import-position
 
 
@@ -97,7 +100,65 @@ def test_table_reports_every_figure():
                                    "packed_by_micro_batch_rows": {"1": 0.8, "16": 0.7}},
             "compile": {"total_s_80": 2.0, "total_s_2": 1.9}, "compile_ratio_80_vs_2": 1.05,
             "vs_pytorch": 1.2, "startup_share": share, "startup_s": {"imports": 1.0, "steps": 1.0},
+            "remat": {"full": {"step_time_vs_none": 1.33, "step_cpu_time_vs_none": 1.3,
+                               "temp_memory_vs_none": 0.27, "mfu_vs_matmul": 0.25}},
+            "remat_plan": {"lima_7b v5p-8": {"full": {"bytes_per_device": 44 * 2**30}}},
             "elapsed_s": 10.0}
   table = run._table(result)  # pylint: disable=protected-access
-  for text in ("0.50", "0.30", "0.80", "1.05", "1.20", "imports"):
+  for text in ("0.50", "0.30", "0.80", "1.05", "1.20", "imports", "1.33", "0.27", "full 44"):
     assert text in table
+
+
+@pytest.fixture(scope="module")
+def remat_steps(tiny):
+  """Per remat policy: the compiled step's memory, and one step's loss and gradients. The
+  optimizer is plain SGD with rate 1, so the step's parameter change is minus the gradient."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  model_cfg, base = tiny
+  cfg, _ = common.model_setup(n_layers=2, d_model=64, n_heads=4, ffn_dim=96)
+  host_batch = common.synthetic_batch(2, 128, model_cfg.vocab_size)
+  out, first = {}, None
+  for policy in remat.POLICIES:
+    trainer = dataclasses.replace(remat.trainer_for(policy, cfg, model_cfg, base.mesh),
+                                  optimizer=optax.sgd(1.0))
+    assert trainer.model_cfg.remat == policy
+    batch = trainer.put_batch(host_batch)
+    first = first or trainer.init(cfg.seed)  # the initial state does not depend on the policy
+    state = jax.tree.map(jnp.copy, first)  # the step donates its state
+    before = jax.tree.map(np.asarray, state["params"])
+    compiled = trainer.train_step.lower(state, batch).compile()
+    state, metrics = compiled(state, batch)
+    grads = jax.tree.map(lambda b, a: b - np.asarray(a), before, state["params"])
+    out[policy] = (remat.memory(compiled), float(metrics["loss"]), grads)
+  return out
+
+
+def test_remat_policies_give_the_same_loss_and_gradients(remat_steps):
+  # Remat only trades memory for recomputation (dropout masks included): same step, same result.
+  _, loss, grads = remat_steps["none"]
+  for policy in ("full", "save_dots"):
+    _, other_loss, other_grads = remat_steps[policy]
+    assert other_loss == pytest.approx(loss, rel=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
+                 other_grads, grads)
+  assert max(float(np.abs(g).max()) for g in jax.tree.leaves(grads)) > 0
+
+
+def test_remat_memory_figure(remat_steps):
+  none, full, dots = (remat_steps[p][0] for p in ("none", "full", "save_dots"))
+  assert full["temp_bytes"] < dots["temp_bytes"] < none["temp_bytes"]
+  # The state and batch are the same whatever the policy.
+  assert full["argument_bytes"] == none["argument_bytes"]
+
+
+def test_remat_table_lines():
+  figures = {p: {"step_time_vs_none": t, "step_cpu_time_vs_none": c, "temp_memory_vs_none": m,
+                 "mfu_vs_matmul": 0.3}
+             for p, t, c, m in (("none", 1.0, 1.0, 1.0), ("full", 1.31, 1.29, 0.25),
+                                ("save_dots", 1.07, 1.06, 0.6))}
+  plan = {"lima_7b v5p-8": {"none": {"bytes_per_device": 395 * 2**30},
+                            "full": {"bytes_per_device": 44 * 2**30}}}
+  text = "\n".join(remat.table_lines(figures, plan))
+  for piece in ("1.31", "1.29", "0.25", "save_dots", "lima_7b v5p-8", "none 395", "full 44"):
+    assert piece in text
