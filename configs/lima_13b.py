@@ -3,7 +3,7 @@ examples, residual dropout rising to 0.2 at the top layer) with LLaMA-13B's dime
 
 Intended slice: v5p-16 (8 chips), the state sharded over every chip (fsdp), the matmul outputs
 kept for the backward pass and the rest recomputed (remat save_dots: 53 GiB per chip of 95 in
-`lima_jax.plan`, full 38). Check another slice first with
+`lima_jax.plan`, full 39). Check another slice first with
 `python -m lima_jax.plan --config=configs/lima_13b.py --topology=...`.
 """
 

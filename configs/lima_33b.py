@@ -4,7 +4,7 @@ dimensions.
 
 Intended slice: v5p-32 (16 chips), the state sharded over every chip (fsdp) and each layer
 recomputed in the backward pass (remat full: 50 GiB per chip of 95 in `lima_jax.plan`; save_dots
-needs 78, too close to the limit for a plan made on XLA:CPU). Check another slice first with
+needs 81, too close to the limit for a plan made on XLA:CPU). Check another slice first with
 `python -m lima_jax.plan --config=configs/lima_33b.py --topology=...`.
 """
 

@@ -27,7 +27,7 @@ def get_config():
   c.model.rope_theta = 10_000.0
   c.model.norm_eps = 1e-6
   c.model.residual_dropout_top = 0.2
-  # Intended slice v5p-8: `python -m lima_jax.plan` puts save_dots at 46 GiB per chip (of 95;
+  # Intended slice v5p-8: `python -m lima_jax.plan` puts save_dots at 47 GiB per chip (of 95;
   # full 37, none 101 with micro-batches of one row per chip). save_dots keeps the matmul outputs,
   # so the backward recomputes no matmul (full would add about a third of the step's FLOPs).
   c.model.remat = "save_dots"
