@@ -134,9 +134,11 @@ def _layout(cfg, examples, epochs, total_steps, mesh, avg_tokens):
   numbers came from). A step computes only the micro-batches its examples fill."""
   length = cfg.data.max_length
   if examples is not None:
-    counts = train.step_token_counts(examples, epochs, range(total_steps))
-    layout = train.step_layout(cfg, counts, mesh, cfg.data.rows_per_step)
-    used = [math.ceil(data.rows_needed([c], length) / layout.rows) for c in counts]
+    needed = [data.rows_needed([counts], length)
+              for counts in train.step_token_counts(examples, epochs, range(total_steps))]
+    # The worst step's rows, counted once here rather than again by step_layout.
+    layout = train.step_layout(cfg, [], mesh, cfg.data.rows_per_step or max(needed))
+    used = [math.ceil(rows / layout.rows) for rows in needed]
     source = ("data.rows_per_step" if cfg.data.rows_per_step
               else "the worst step of data.train_path")
     return layout, layout.rows * sum(used) / len(used), source

@@ -81,7 +81,7 @@ def step_layout(cfg, lengths_per_step, mesh, rows_per_step: int = 0) -> data.Ste
   elif micro % ways:
     raise LimaError(f"config train.micro_batch_rows: {micro} rows do not split over the mesh's "
                     f"{ways} batch shards (mesh.data x mesh.fsdp); use a multiple of {ways}")
-  return data.step_layout(rows, micro, cfg.data.max_length)
+  return data.StepLayout.holding(rows, micro, cfg.data.max_length)
 
 
 class DevSet:

@@ -101,10 +101,11 @@ class Trainer:
         return total * scale
       return jax.value_and_grad(loss_fn)(state["params"])
 
-    zero_grads = jax.lax.with_sharding_constraint(
-        jax.tree.map(jnp.zeros_like, state["params"]), self.state_shardings["params"])
-    loss, grads = _sum_over_micro_batches(micro_loss_and_grads, batch,
-                                          (jnp.zeros((), jnp.float32), zero_grads))
+    def zeros():  # the accumulator, laid out like the params it sums gradients for
+      return jnp.zeros((), jnp.float32), jax.lax.with_sharding_constraint(
+          jax.tree.map(jnp.zeros_like, state["params"]), self.state_shardings["params"])
+
+    loss, grads = _sum_over_micro_batches(micro_loss_and_grads, batch, zeros)
     grad_norm = optax.tree.norm(grads)
 
     def update(_):
@@ -130,7 +131,7 @@ class Trainer:
       return {"loss_sum": total, "tokens": count}
 
     zero = jnp.zeros((), jnp.float32)
-    return _sum_over_micro_batches(micro_sums, batch, {"loss_sum": zero, "tokens": zero})
+    return _sum_over_micro_batches(micro_sums, batch, lambda: {"loss_sum": zero, "tokens": zero})
 
   def put_batch(self, batch: dict) -> dict:
     """Host numpy batch (the global step, [micro_batches, rows, length]) -> global arrays; each
@@ -154,7 +155,8 @@ def _zero_padding_rows(params, cfg: LlamaConfig):
 
 
 def _sum_over_micro_batches(fn, batch, zeros):
-  """The sum of fn(micro_batch, index) over the micro-batches that hold tokens.
+  """The sum of fn(micro_batch, index) over the micro-batches that hold tokens; zeros() builds
+  the accumulator, only when there is more than one micro-batch.
 
   They come first (rows fill in order), so a loop with a traced trip count skips the padding
   ones: a short step computes fewer micro-batches than the longest, in one compiled program.
@@ -168,7 +170,7 @@ def _sum_over_micro_batches(fn, batch, zeros):
     return fn(take(0), 0)
   used = jnp.sum(jnp.any(batch["segment_ids"] > 0, axis=(1, 2)))
   return jax.lax.fori_loop(
-      0, used, lambda i, acc: jax.tree.map(jnp.add, acc, fn(take(i), i)), zeros)
+      0, used, lambda i, acc: jax.tree.map(jnp.add, acc, fn(take(i), i)), zeros())
 
 
 def _process_rows(batch_sharding, shape) -> slice:

@@ -52,11 +52,11 @@ def test_micro_batches_give_the_whole_steps_update():
   rows = data.rows_needed([[len(e.ids) for e in examples]], LENGTH)
   assert rows >= 4  # several micro-batches of one row, the last ones all padding below
   one_device = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-  whole = _step(data.step_layout(rows, rows, LENGTH), examples, one_device)
+  whole = _step(data.StepLayout.holding(rows, rows, LENGTH), examples, one_device)
   _assert_same_step(whole, _step(data.StepLayout(rows + 3, 1, LENGTH), examples, one_device))
-  _assert_same_step(whole, _step(data.step_layout(rows, 2, LENGTH), examples, one_device))
+  _assert_same_step(whole, _step(data.StepLayout.holding(rows, 2, LENGTH), examples, one_device))
   # On the 8-device mesh: micro-batches of one row per batch shard (2 x 2).
-  _assert_same_step(whole, _step(data.step_layout(rows, 4, LENGTH), examples,
+  _assert_same_step(whole, _step(data.StepLayout.holding(rows, 4, LENGTH), examples,
                                  sharding.make_mesh(2, 2, 2)))
 
 
@@ -69,7 +69,8 @@ def test_padding_micro_batches_are_not_computed():
     jax.debug.callback(lambda i: calls.append(int(i)), index)
     return jnp.sum(micro["segment_ids"])
 
-  total = jax.jit(lambda b: _sum_over_micro_batches(count, b, jnp.zeros((), jnp.int32)))(batch)
+  total = jax.jit(lambda b: _sum_over_micro_batches(
+      count, b, lambda: jnp.zeros((), jnp.int32)))(batch)
   jax.effects_barrier()
   assert int(total) == 3 and calls == [0, 1]
 

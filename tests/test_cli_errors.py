@@ -64,6 +64,13 @@ CASES = {
     "heads do not divide d_model": (lambda t: ["--config.model.n_heads=3"], "model.n_heads"),
     "unknown remat policy": (lambda t: ["--config.model.remat=sometimes"], "model.remat"),
     "unsupported dtype": (lambda t: ["--config.model.compute_dtype=float16"], "model.compute_dtype"),
+    "unknown attention kernel": (lambda t: ["--config.model.attention=flash"], "model.attention"),
+    "attention kernel this platform cannot run": (lambda t: ["--config.model.attention=splash"],
+                                                  "model.attention"),
+    "micro-batch rows that do not split over the batch shards": (
+        lambda t: ["--config.train.micro_batch_rows=3"], "train.micro_batch_rows"),
+    "micro-batch rows below -1": (lambda t: ["--config.train.micro_batch_rows=-2"],
+                                  "train.micro_batch_rows"),
     "negative checkpoint cadence": (lambda t: ["--config.checkpoint.every_steps=-1"],
                                     "checkpoint.every_steps"),
     "missing dev file": (lambda t: ["--config.data.dev_path=/no/dev.jsonl"], "/no/dev.jsonl"),

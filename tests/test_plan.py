@@ -5,9 +5,10 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
-from lima_jax import config, plan, topology
+from lima_jax import config, data, plan, sharding, topology, train
 from lima_jax.errors import LimaError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,6 +70,25 @@ def test_lima_recipe_counts_steps_lr_and_dropout():
   assert 0 < report["bytes_per_device"] <= report["hbm_bytes_per_device"]
   assert report["bytes_per_device"] >= report["argument_bytes"] + report["temp_bytes"]
   assert report["step_time_s"] is None  # no peak FLOP/s for a CPU
+
+
+def test_planning_from_data_counts_the_micro_batches_each_step_fills():
+  cfg = small_lima()
+  cfg.data.train_path = config.sample_data("train.jsonl")
+  cfg.data.tokenizer_path = config.sample_data("tokenizer.model")
+  cfg.data.max_length, cfg.train.batch_size = 256, 8
+  report = plan.plan_run(cfg, topology.parse("cpu:8"))
+  assert report["num_examples"] == 71 and report["rows_source"].startswith("the worst step")
+  # The same layout and per-step rows as training computes them, by the trainer's own code.
+  tokenizer = data.ChatTokenizer(cfg.data.tokenizer_path)
+  examples = plan._load_examples(cfg, tokenizer)  # pylint: disable=protected-access
+  epochs = data.EpochPlan(len(examples), cfg.train.batch_size, cfg.seed)
+  counts = train.step_token_counts(examples, epochs, range(report["total_steps"]))
+  layout = train.step_layout(cfg, counts, sharding.make_mesh(1, -1, 1, jax.devices()[:8]))
+  assert (report["micro_batches"], report["micro_batch_rows"]) == (layout.micro_batches, 8)
+  computed = [-(-data.rows_needed([c], 256) // 8) * 8 for c in counts]
+  assert report["mean_rows_computed"] == pytest.approx(sum(computed) / len(computed))
+  assert report["mean_rows_computed"] <= layout.micro_batches * layout.rows
 
 
 def test_a_dimension_that_does_not_divide_its_mesh_axis_is_refused():

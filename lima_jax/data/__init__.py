@@ -4,7 +4,7 @@ from lima_jax.data.batching import EpochPlan
 from lima_jax.data.chat_format import ChatTokenizer, Example
 from lima_jax.data.conversations import Conversation
 from lima_jax.data.lima_dataset import prepared_dir, read_conversations
-from lima_jax.data.packing import StepLayout, pack_step, rows_needed, step_layout
+from lima_jax.data.packing import StepLayout, pack_step, rows_needed
 from lima_jax.data.pipeline import load_examples
 
 __all__ = [
@@ -18,5 +18,4 @@ __all__ = [
     "read_conversations",
     "rows_needed",
     "StepLayout",
-    "step_layout",
 ]

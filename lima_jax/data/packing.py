@@ -96,6 +96,11 @@ class StepLayout:
   rows: int
   length: int
 
+  @classmethod
+  def holding(cls, rows_per_step: int, micro_rows: int, length: int) -> "StepLayout":
+    """The layout that holds `rows_per_step` rows in micro-batches of `micro_rows` rows."""
+    return cls(max(1, math.ceil(rows_per_step / micro_rows)), micro_rows, length)
+
   @property
   def shape(self) -> tuple[int, int, int]:
     return (self.micro_batches, self.rows, self.length)
@@ -105,8 +110,3 @@ class StepLayout:
     micro-batches that hold tokens come first and the rest are all padding."""
     batch = pack_step(examples, self.micro_batches * self.rows, self.length)
     return {k: v.reshape(self.shape) for k, v in batch.items()}
-
-
-def step_layout(rows_per_step: int, micro_rows: int, length: int) -> StepLayout:
-  """The layout that holds `rows_per_step` rows in micro-batches of `micro_rows` rows."""
-  return StepLayout(max(1, math.ceil(rows_per_step / micro_rows)), micro_rows, length)
