@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from helpers import ROOT, final_params, train_cli, tree_hashes
-from lima_jax import config, train
+from lima_jax import checkpoint, config, train
 from lima_jax.errors import LimaError
 
 # 2 epochs of 9 steps; an interval checkpoint every 2 steps so kills land near checkpoint writes.
@@ -141,3 +141,15 @@ def test_bad_steps_can_be_skipped_up_to_the_limit(tmp_path):
     records = [json.loads(line) for line in f]
   bad = [r for r in records if not (np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]))]
   assert last["step"] == 18 and len(records) == 18 and 0 < len(bad) <= 100
+
+
+def test_leftovers_of_a_killed_write_are_gone_once_checkpoints_open(tmp_path):
+  # Orbax deletes them on a thread; a process that exits right after opening (a refused
+  # workdir) must not cut that thread off mid-delete.
+  leftover = tmp_path / "checkpoints" / "7.orbax-checkpoint-tmp-1700000000"
+  (leftover / "state").mkdir(parents=True)
+  (leftover / "state" / "shard").write_bytes(b"\0" * 1024)
+  ckpts = checkpoint.Checkpoints(str(tmp_path / "checkpoints"))
+  assert not leftover.exists()
+  assert ckpts.all_steps() == []
+  ckpts.close()
