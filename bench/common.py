@@ -43,7 +43,8 @@ def matmul_peak(sizes=(1024, 2048), repeats: int = 3) -> float:
   return best
 
 
-def model_setup(n_layers=8, d_model=512, n_heads=8, ffn_dim=1408, dropout=None):
+def model_setup(n_layers=8, d_model=512, n_heads=8, ffn_dim=1408, dropout=None,
+                scan_layers=True):
   """(config, LlamaConfig): LIMA's base config with the benchmark's model shape, fp32."""
   from lima_jax import config  # pylint: disable=import-outside-toplevel
   from lima_jax.train import model_config  # pylint: disable=import-outside-toplevel
@@ -52,6 +53,7 @@ def model_setup(n_layers=8, d_model=512, n_heads=8, ffn_dim=1408, dropout=None):
   m.n_layers, m.d_model, m.n_heads, m.n_kv_heads, m.ffn_dim = (n_layers, d_model, n_heads,
                                                                 n_heads, ffn_dim)
   m.compute_dtype = "float32"
+  m.scan_layers = scan_layers
   if dropout is not None:
     m.residual_dropout_top = dropout
   return cfg, model_config(m, SAMPLE_VOCAB)

@@ -2,7 +2,8 @@
 
   python bench/run.py [--json] [--rounds 5] [--compile-repeats 3] [--remat-rounds 3]
 
-1. MFU of the train step over the matmul peak the same process measures (1 device, 8 devices);
+1. MFU of the train step over the matmul peak the same process measures (1 device, 8 devices),
+   with the layers in a Python loop and scanned;
 2. packing efficiency on a LIMA-shaped length distribution (ours, pad to 2048, pad to batch max);
 3. compile time of an 80-layer model over a 2-layer one;
 4. the start-up split of the default toy run (seconds and share of the whole);
@@ -71,6 +72,8 @@ def run_all(rounds: int, compile_repeats: int, remat_rounds: int, log) -> dict:
   return {
       "mfu_vs_matmul": {"one_device": one["mfu_vs_matmul"], "mesh_8": eight["mfu_vs_matmul"],
                         "pytorch_one_device": one["torch_mfu_vs_matmul"],
+                        "one_device_scanned": one["mfu_vs_matmul_scanned"],
+                        "mesh_8_scanned": eight["mfu_vs_matmul_scanned"],
                         "model_flops_per_step": one["model_flops_per_step"],
                         "one_device_detail": _drop(one, "torch_"),
                         "mesh_8_detail": eight},
@@ -80,6 +83,8 @@ def run_all(rounds: int, compile_repeats: int, remat_rounds: int, log) -> dict:
       "startup_share": startup["share"],
       "startup_s": startup["seconds"],
       "vs_pytorch": one["vs_pytorch"],
+      "scanned_step_time_vs_unrolled": {"one_device": one["scanned_step_time_vs_unrolled"],
+                                        "mesh_8": eight["scanned_step_time_vs_unrolled"]},
       "tokens_per_s": {"jax_one_device": one["tokens_per_s"],
                        "jax_mesh_8": eight["tokens_per_s"],
                        "pytorch": one["torch_tokens_per_s"]},
@@ -101,6 +106,8 @@ def _table(r: dict) -> str:
   lines = [
       f"MFU / matmul peak, 1 device        {m['one_device']:.2f}  (PyTorch {m['pytorch_one_device']:.2f})",
       f"MFU / matmul peak, 8-device mesh   {m['mesh_8']:.2f}",
+      f"  with the layers scanned          {m['one_device_scanned']:.2f} (1 device), "
+      f"{m['mesh_8_scanned']:.2f} (8 devices)",
       f"packing efficiency                 {p['packed']:.2f}  (pad to 2048 {p['pad_to_max_length']:.2f}, "
       f"pad to batch max {p['pad_to_batch_max']:.2f}; whole step at once {p['packed_whole_step']:.2f})",
       "  by rows per micro-batch          " + ", ".join(

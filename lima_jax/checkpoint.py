@@ -131,7 +131,7 @@ def _one_line(error: Exception) -> str:
 
 # How a step is computed, not what it computes: a run may resume with another choice (say, more
 # remat after running out of memory).
-EXECUTION_ONLY_FIELDS = ("remat", "attention")
+EXECUTION_ONLY_FIELDS = ("remat", "attention", "scan_layers")
 
 
 def check_same_model(meta: dict, model_fields: dict, where: str) -> None:

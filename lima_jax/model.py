@@ -37,6 +37,7 @@ class LlamaConfig:
   residual_dropout_top: float = 0.0  # LIMA: 0.3 for 65B, 0.2 for smaller models
   remat: str = "none"  # none | full | save_dots
   attention: str = "auto"  # auto | xla | splash | cudnn: see lima_jax.attention
+  scan_layers: bool = True  # False: a Python loop over the layers (see Llama.__call__)
   param_dtype: str = "float32"
   compute_dtype: str = "float32"
 
@@ -194,6 +195,14 @@ _REMAT_POLICIES = {
 }
 
 
+def _unstack_layers(stacked, n_layers: int) -> list:
+  """The stacked blocks' state as one state per layer. A split (not n slices) so that the
+  gradient flows back into the stack as one concatenate."""
+  leaves, treedef = jax.tree.flatten(stacked)
+  pieces = [jnp.split(leaf, n_layers) for leaf in leaves]
+  return [treedef.unflatten([jnp.squeeze(p[i], 0) for p in pieces]) for i in range(n_layers)]
+
+
 class Llama(nnx.Module):
 
   def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
@@ -237,7 +246,11 @@ class Llama(nnx.Module):
 
     if cfg.remat != "none":
       layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-    x, _ = jax.lax.scan(layer, x, (block_state, rates, layer_ids))
+    if cfg.scan_layers:  # compile time flat in depth
+      x, _ = jax.lax.scan(layer, x, (block_state, rates, layer_ids))
+    else:  # no stacked residual buffers to zero, fill and copy: faster steps, compile grows
+      for index, state in enumerate(_unstack_layers(block_state, cfg.n_layers)):
+        x, _ = layer(x, (state, rates[index], layer_ids[index]))
     return self._logits(x)
 
   def init_cache(self, batch: int, length: int) -> dict:

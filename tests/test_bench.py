@@ -94,7 +94,8 @@ def test_micro_batches_skip_what_a_light_step_does_not_fill():
 
 def test_table_reports_every_figure():
   share = {"imports": 0.5, "steps": 0.5}
-  result = {"mfu_vs_matmul": {"one_device": 0.5, "mesh_8": 0.3, "pytorch_one_device": 0.4},
+  result = {"mfu_vs_matmul": {"one_device": 0.5, "mesh_8": 0.3, "pytorch_one_device": 0.4,
+                              "one_device_scanned": 0.45, "mesh_8_scanned": 0.28},
             "packing_efficiency": {"packed": 0.8, "pad_to_max_length": 0.4,
                                    "pad_to_batch_max": 0.4, "packed_whole_step": 0.6,
                                    "packed_by_micro_batch_rows": {"1": 0.8, "16": 0.7}},
@@ -105,7 +106,8 @@ def test_table_reports_every_figure():
             "remat_plan": {"lima_7b v5p-8": {"full": {"bytes_per_device": 44 * 2**30}}},
             "elapsed_s": 10.0}
   table = run._table(result)  # pylint: disable=protected-access
-  for text in ("0.50", "0.30", "0.80", "1.05", "1.20", "imports", "1.33", "0.27", "full 44"):
+  for text in ("0.50", "0.30", "0.45", "0.28", "0.80", "1.05", "1.20", "imports", "1.33", "0.27",
+               "full 44"):
     assert text in table
 
 

@@ -1,8 +1,11 @@
 """Each speed-up gives the same loss and gradients as the code it replaced, within fp32 noise.
 
 Block-causal attention (lima_jax.attention.causal_attention) against one
-jax.nn.dot_product_attention over the whole segment-causal mask.
+jax.nn.dot_product_attention over the whole segment-causal mask; the unrolled layer loop
+(model.scan_layers=False) against the scanned stack, through the Trainer's sharded step.
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -10,10 +13,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lima_jax import attention
+from lima_jax import attention, optim, sharding
+from lima_jax.config import base_config
 from lima_jax.attention import causal_attention, segment_causal_mask
 from lima_jax.model import Llama, LlamaConfig
-from lima_jax.train_state import token_loss
+from lima_jax.train_state import Trainer, token_loss
 
 
 def _full_attention(q, k, v, mask, block=None):
@@ -76,3 +80,29 @@ def test_train_loss_and_grads_match_full_attention(monkeypatch):
   np.testing.assert_allclose(value, ref_value, rtol=1e-5)
   for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
     np.testing.assert_allclose(g, r, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("remat", ["none", "save_dots"])
+def test_unrolled_layers_step_like_the_scanned_stack(remat):
+  cfg = LlamaConfig(vocab_size=301, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2,
+                    ffn_dim=128, residual_dropout_top=0.3, remat=remat)
+  rows, length = 4, 64
+  segments = _packed_segments(rows, length)
+  tokens = jax.random.randint(jax.random.key(1), (rows, length + 1), 0, 301)
+  batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
+           "weights": (segments > 0).astype(jnp.float32), "segment_ids": segments,
+           "positions": jnp.tile(jnp.arange(length), (rows, 1))}
+  batch = {k: np.asarray(v)[None] for k, v in batch.items()}  # one micro-batch
+  tx, schedule = optim.make_optimizer(base_config().optimizer, total_steps=10)
+  mesh = sharding.make_mesh(2, 2, 2)
+
+  def step(scan_layers):
+    trainer = Trainer(dataclasses.replace(cfg, scan_layers=scan_layers), tx, schedule, mesh, 0)
+    state, metrics = trainer.train_step(trainer.init(0), trainer.put_batch(batch))
+    return jax.device_get(state["params"]), jax.device_get(metrics)
+
+  (params, metrics), (ref_params, ref_metrics) = step(False), step(True)
+  np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
+  np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-4)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-7, rtol=1e-5),
+               params, ref_params)
