@@ -52,12 +52,16 @@ def efficiencies(lengths, batch_size: int = 32, epochs: int = 15, max_length: in
   positions = np.asarray(lengths) - 1
   real = positions.sum() * epochs
 
+  done = {}  # layout -> positions: micro_batch_rows 0 and 1 are the same layout on one shard
+
   def computed(micro_rows: int) -> tuple[int, data.StepLayout]:
     """Positions the train step computes over the run: its micro-batches that hold tokens."""
     cfg.train.micro_batch_rows = micro_rows
     layout = step_layout(cfg, counts, mesh)
-    used = sum(int(layout.pack(step)["segment_ids"].any(axis=(1, 2)).sum()) for step in steps)
-    return used * layout.rows * max_length, layout
+    if layout not in done:
+      used = sum(int(layout.pack(step)["segment_ids"].any(axis=(1, 2)).sum()) for step in steps)
+      done[layout] = used * layout.rows * max_length
+    return done[layout], layout
 
   packed, layout = computed(0)
   whole, whole_layout = computed(-1)

@@ -2,7 +2,8 @@
 
 The worker calls the trainer's own functions in the order `lima_jax.train.run` does and times
 each phase from outside; the only difference is that the step is compiled ahead of time
-(`lower().compile()`) so compilation is not hidden inside the first step.
+(`lower().compile()`) so compilation is not hidden inside the first step. The persistent
+compilation cache starts empty, as on a first run.
 
 Phases: imports; set-up (config, tokenizer, TFDS build and tokenization of the data, mesh,
 Trainer: `lima_jax.train.prepare`); state init; compile; steps (packing, transfer, step);
@@ -35,6 +36,8 @@ def measure(epochs: int) -> dict:
     phase_start = now
 
   with tempfile.TemporaryDirectory() as workdir:
+    # A first run's compile: an empty persistent cache (a rerun would load the compiled steps).
+    cfg.train.compile_cache_dir = os.path.join(workdir, "compile_cache")
     s = train.prepare(cfg, workdir)
     ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"),
                                    max_to_keep=cfg.checkpoint.max_to_keep,
