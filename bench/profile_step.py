@@ -1,11 +1,12 @@
 """Where the one-device train step's time goes, by ablation (not part of run.py's figures).
 
-  python bench/profile_step.py [--rounds 3] [--dropout 0.2]
+  python bench/profile_step.py [--rounds 3] [--dropout 0.2] [--scanned]
 
 Times, in one process and interleaved round by round (so machine load hits all alike), the full
-`Trainer.train_step` and pieces of it on the benchmark model (8 layers, d 512, 8 x 512 tokens):
-the step without dropout, the loss's forward+backward alone, the AdamW update alone, the
-attention core, the LM head + cross entropy, the dropout masks, and a "matmul skeleton": the
+`Trainer.train_step` and pieces of it on the benchmark model (8 layers, d 512, 8 x 512 tokens,
+layers in a Python loop as for the MFU figure; --scanned: the default scanned stack): the step
+without dropout, the loss's forward+backward alone, the AdamW update alone, the attention
+core, the LM head + cross entropy, the dropout masks, and a "matmul skeleton": the
 same weight and attention matmuls, forward and backward, with every elementwise op stripped.
 The skeleton's time over the step's says how close the step could get by fusing everything
 else away; its FLOP/s over the matmul peak says what the matmul shapes themselves reach.
@@ -115,9 +116,11 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--dropout", type=float, default=None)
+  parser.add_argument("--scanned", action="store_true",
+                      help="scan the layers (the default config) instead of the MFU figure's loop")
   args = parser.parse_args()
   from lima_jax import sharding  # pylint: disable=import-outside-toplevel
-  cfg, model_cfg = model_setup(dropout=args.dropout)
+  cfg, model_cfg = model_setup(dropout=args.dropout, scan_layers=args.scanned)
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   trainer = make_trainer(cfg, model_cfg, mesh)
   state = trainer.init(cfg.seed)
