@@ -33,10 +33,12 @@ class Checkpoints:
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,  # leftovers of a write that was killed
             create=True))
-    # Orbax deletes those leftovers on a background thread that its close() does not wait for;
-    # a process that exits soon after (a refused workdir) would kill it mid-delete with a
-    # traceback. Waiting here costs one directory listing.
-    self._manager._maybe_await_cleanup_tmp_directory()  # pylint: disable=protected-access
+    # Orbax deletes those leftovers on a background thread that its close() does not wait for
+    # (0.12.8, no public call); a process that exits soon after (a refused workdir) would kill it
+    # mid-delete with a traceback. Waiting here costs one directory listing.
+    await_cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
+    if await_cleanup is not None:
+      await_cleanup()
     # Retention is ours, not Orbax's: the newest `max_to_keep` epoch checkpoints, plus interval
     # checkpoints (for preemptible machines) only until a newer checkpoint is safely on disk.
     self._max_to_keep = max_to_keep
