@@ -21,6 +21,11 @@ def median(values) -> float:
   return float(statistics.median(values))
 
 
+def mfu(flops: float, step_seconds, peaks) -> float:
+  """Median over rounds of model FLOP/s over the matmul peak timed in the same round."""
+  return median(flops / s / p for s, p in zip(step_seconds, peaks))
+
+
 def timed(fn, *args):
   """(seconds, result) of fn(*args), waiting for every array in the result."""
   import jax  # pylint: disable=import-outside-toplevel

@@ -24,7 +24,7 @@ import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import optax  # pylint: disable=wrong-import-position
 
-from common import (make_trainer, matmul_peak, median, model_setup,  # pylint: disable=wrong-import-position
+from common import (make_trainer, matmul_peak, median, mfu, model_setup,  # pylint: disable=wrong-import-position
                     synthetic_batch, timed)
 from flops import train_flops  # pylint: disable=wrong-import-position
 
@@ -141,7 +141,7 @@ def main() -> None:
   flops = train_flops(model_cfg, ROWS, LENGTH)
   # The skeleton does the model's matmul FLOPs: its FLOP/s over the peak bounds a fused step.
   report = {"matmul_peak_flops_per_s": median(peaks), "model_flops_per_step": flops,
-            "mfu_vs_matmul": median(flops / t / p for t, p in zip(times["train_step"], peaks)),
+            "mfu_vs_matmul": mfu(flops, times["train_step"], peaks),
             "seconds": {k: median(v) for k, v in times.items()},
             "share_of_step": {k: median(v) / step for k, v in times.items()}}
   # One layer's attention was timed; the step runs n_layers of them.

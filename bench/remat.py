@@ -27,7 +27,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # pylint: disable=wrong-import-position
-from common import (REPO, make_trainer, matmul_peak, median, model_setup, run_worker,
+from common import (REPO, make_trainer, matmul_peak, median, mfu, model_setup, run_worker,
                     synthetic_batch, timed)
 from flops import train_flops
 # pylint: enable=wrong-import-position
@@ -93,7 +93,7 @@ def measure(rounds: int, rows: int = ROWS, length: int = LENGTH, **shape) -> dic
       "temp_memory_vs_none": mem[p]["temp_bytes"] / base_temp,
       "temp_bytes": mem[p]["temp_bytes"],
       "argument_bytes": mem[p]["argument_bytes"], "output_bytes": mem[p]["output_bytes"],
-      "mfu_vs_matmul": median(flops / s / pk for s, pk in zip(step_s[p], peaks)),
+      "mfu_vs_matmul": mfu(flops, step_s[p], peaks),
   } for p in POLICIES}
   # Remat only trades memory for time: every policy must see the same losses step by step.
   loss_diff = max(abs(a - b) for p in POLICIES for a, b in zip(losses[p], losses["none"]))

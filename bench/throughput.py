@@ -12,7 +12,8 @@ against the same yardstick (`measure_torch`).
 
 import os
 
-from common import (matmul_peak, median, make_trainer, model_setup, synthetic_batch, timed)
+from common import (matmul_peak, median, make_trainer, mfu, model_setup, synthetic_batch,
+                    timed)
 from flops import train_flops
 
 ROWS, LENGTH = 8, 512
@@ -92,10 +93,10 @@ def measure(rounds: int) -> dict:
     jax_s.append(unrolled.run())
     scanned_s.append(scanned.run())
   return {"devices": len(jax.devices()), "mesh": dict(mesh.shape), "model_flops_per_step": flops,
-          "micro_batch_rows": unrolled.micro_rows, "compile_s": unrolled.compile_s, "compile_s_scanned": scanned.compile_s,
-          "step_s": jax_s, "step_s_scanned": scanned_s, "matmul_flops_per_s": peaks,
-          "mfu_vs_matmul": _mfu(flops, jax_s, peaks),
-          "mfu_vs_matmul_scanned": _mfu(flops, scanned_s, peaks),
+          "micro_batch_rows": unrolled.micro_rows, "compile_s": unrolled.compile_s,
+          "compile_s_scanned": scanned.compile_s, "step_s": jax_s, "step_s_scanned": scanned_s,
+          "matmul_flops_per_s": peaks, "mfu_vs_matmul": mfu(flops, jax_s, peaks),
+          "mfu_vs_matmul_scanned": mfu(flops, scanned_s, peaks),
           "scanned_step_time_vs_unrolled": median(s / u for s, u in zip(scanned_s, jax_s)),
           "tokens_per_s": ROWS * LENGTH / median(jax_s)}
 
@@ -117,9 +118,5 @@ def measure_torch(rounds: int) -> dict:
     torch_ref.step()
     torch_s.append(time.perf_counter() - started)
   return {"step_s": torch_s, "matmul_flops_per_s": peaks,
-          "mfu_vs_matmul": _mfu(flops, torch_s, peaks),
+          "mfu_vs_matmul": mfu(flops, torch_s, peaks),
           "tokens_per_s": ROWS * LENGTH / median(torch_s)}
-
-
-def _mfu(flops: int, step_s, peaks) -> float:
-  return median(flops / s / p for s, p in zip(step_s, peaks))

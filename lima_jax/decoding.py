@@ -117,7 +117,7 @@ class Generator:
     self.graphdef, self.mesh, self.eot_id = trainer.graphdef, trainer.mesh, eot_id
     ways = sharding.batch_ways(self.mesh)
     self.batch_size = -(-batch_size // ways) * ways  # whole rows on every batch shard
-    self._constrain = sharding.constrainer(self.mesh)
+    self._constrain = sharding.Constrainer(self.mesh)
     self._rows = NamedSharding(self.mesh, sharding.spec_of(("batch",)))
     replicated = sharding.replicated(self.mesh)
     self._cached = jax.jit(self._generate, static_argnames=("max_new", "greedy"),

@@ -2,7 +2,8 @@
 
 Read top to bottom it follows the architecture: RMSNorm, rotary position embedding, grouped-query
 attention restricted to each packed example, SwiGLU feed-forward, the decoder block with dropout on
-each sub-layer's output before the residual add, a scanned stack of blocks, and the LM head.
+each sub-layer's output before the residual add, a scanned stack of blocks (or a loop over them:
+`scan_layers`), and the LM head.
 `Llama.extend` is the inference path of the same stack: it reads and extends a KV cache.
 
 Params carry logical axis names (`lima_jax.sharding` maps them onto the mesh); activations are

@@ -87,10 +87,6 @@ class Constrainer:
     return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec_of(names)))
 
 
-def constrainer(mesh) -> Constrainer:
-  return Constrainer(mesh)
-
-
 def logical_names(abstract_state) -> dict:
   """Pure-dict tree of each param's logical axis names, from the model's annotations."""
   return nnx.to_pure_dict(jax.tree.map(

@@ -60,7 +60,7 @@ class Trainer:
         shapes, self.state_shardings)
     self.batch_sharding = sharding.micro_batch_sharding(self.mesh)
     batch_shardings = {k: self.batch_sharding for k in BATCH_KEYS}
-    self._constrain = sharding.constrainer(self.mesh)
+    self._constrain = sharding.Constrainer(self.mesh)
     self.init = jax.jit(self._init, out_shardings=self.state_shardings)
     self.train_step = jax.jit(self._train_step, donate_argnums=0,
                               in_shardings=(self.state_shardings, batch_shardings),

@@ -124,7 +124,7 @@ def test_model_with_splash_gives_the_loss_and_gradients_it_gives_with_xla():
   batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segments,
            "weights": (segments > 0).astype(jnp.float32),
            "positions": jnp.tile(jnp.arange(length), (rows, 1))}
-  constrain = sharding.constrainer(sharding.make_mesh(2, 2, 2))
+  constrain = sharding.Constrainer(sharding.make_mesh(2, 2, 2))
 
   def value_and_grads(kernel):
     with nnx.use_eager_sharding(False):

@@ -74,13 +74,14 @@ def test_a_workdir_of_another_model_is_refused(finished_run):
     train.run(other, workdir)
 
 
-def test_resuming_with_another_remat_policy_is_allowed(tmp_path):
+def test_resuming_with_another_remat_policy_or_layer_loop_is_allowed(tmp_path):
   stopped = tiny_config()
   stopped.train.stop_after_steps = 2
   train.run(stopped, str(tmp_path))
   resumed = tiny_config()
   resumed.train.stop_after_steps = 3
   resumed.model.remat = "full"  # e.g. after running out of memory
+  resumed.model.scan_layers = False  # the same stacked params, run as a Python loop
   assert train.run(resumed, str(tmp_path))["step"] == 3
 
 
