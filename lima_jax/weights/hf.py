@@ -136,7 +136,7 @@ class HfSource:
     return layout.from_linear(name, self._files.get(tensor_name(name, layer)), self.fields)
 
 
-def write_dir(out_dir: str, fields: dict, fetch, *, tokenizer_path: str, eot_id: int,
+def write_dir(out_dir: str, fields: dict, fetch, *, tokenizer_path: str | None, eot_id: int,
               extras: dict, dtype, shard_bytes: int = 5 << 30) -> list[str]:
   """Writes an HF directory from our params; fetch(dotted param name) -> host array, called once
   per param. Returns the safetensors files written."""
@@ -181,7 +181,8 @@ def write_dir(out_dir: str, fields: dict, fetch, *, tokenizer_path: str, eot_id:
     _write_json(os.path.join(out_dir, INDEX),
                 {"metadata": {"total_size": total}, "weight_map": weight_map})
   _write_config(out_dir, fields, extras, eot_id, dtype)
-  _write_tokenizer(out_dir, tokenizer_path, eot_id)
+  if tokenizer_path:  # None: the caller writes a tokenizer of another kind
+    _write_tokenizer(out_dir, tokenizer_path, eot_id)
   return [os.path.join(out_dir, n) for n in names]
 
 

@@ -4,9 +4,10 @@ An imported model is laid out like a run's checkpoints directory, so one reader 
 
   OUT_DIR/0/state        Orbax: {'params': ...}
   OUT_DIR/0/meta         JSON: format, model fields, tokenizer sha256, what an HF export needs
-  OUT_DIR/tokenizer.model
+  OUT_DIR/tokenizer.model  (or tokenizer.json + tokenizer_config.json, from a GGUF import)
 """
 
+import hashlib
 import os
 import shutil
 
@@ -24,6 +25,8 @@ from lima_jax.weights import hf, layout, meta
 
 FORMAT = "lima_jax.pretrained"
 TOKENIZER = "tokenizer.model"
+TOKENIZER_JSON = "tokenizer.json"  # an HF tokenizer; its tokenizer_config.json travels with it
+TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
 def abstract_params(model_cfg: LlamaConfig, mesh):
@@ -33,7 +36,16 @@ def abstract_params(model_cfg: LlamaConfig, mesh):
 
 
 def tokenizer_info(path: str) -> tuple[int, str]:
-  """(piece count, sha256) of a sentencepiece model file."""
+  """(piece count, sha256) of a sentencepiece model file or an HF tokenizer.json (its
+  vocabulary with added tokens, and the file's sha256)."""
+  if os.path.basename(path) == TOKENIZER_JSON:
+    from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
+    try:
+      count = Tokenizer.from_file(path).get_vocab_size(with_added_tokens=True)
+      with open(path, "rb") as f:
+        return count, hashlib.sha256(f.read()).hexdigest()
+    except Exception as e:  # tokenizers reports parse failures as a bare Exception
+      raise LimaError(f"{path}: not a readable tokenizer.json ({e})") from None
   try:
     tokenizer = ChatTokenizer(path)
   except LimaError:
@@ -88,6 +100,8 @@ class OrbaxParams:
     self.tokenizer_sha256 = saved.get("tokenizer_sha256")
     if saved.get("format") == FORMAT:
       self._tokenizer = os.path.join(path, TOKENIZER)
+      if not os.path.isfile(self._tokenizer):
+        self._tokenizer = os.path.join(path, TOKENIZER_JSON)
     else:
       self._tokenizer = saved.get("config", {}).get("data", {}).get("tokenizer_path")
     self._state_dir = os.path.join(ckpt_dir, str(step), "state")
@@ -157,7 +171,13 @@ def save(out_dir: str, params, fields: dict, *, tokenizer_path: str, extras: dic
                                                META: ocp.args.JsonSave(saved)}))
   finally:
     manager.close()
-  shutil.copyfile(tokenizer_path, os.path.join(out_dir, TOKENIZER))
+  if os.path.basename(tokenizer_path) == TOKENIZER_JSON:
+    shutil.copyfile(tokenizer_path, os.path.join(out_dir, TOKENIZER_JSON))
+    beside = os.path.join(os.path.dirname(tokenizer_path), TOKENIZER_CONFIG)
+    if os.path.isfile(beside):
+      shutil.copyfile(beside, os.path.join(out_dir, TOKENIZER_CONFIG))
+  else:
+    shutil.copyfile(tokenizer_path, os.path.join(out_dir, TOKENIZER))
 
 
 def check_model(fields: dict, model_cfg: LlamaConfig, path: str) -> None:

@@ -1,0 +1,300 @@
+"""GGUF import against transformers' own GGUF loader: tiny files made here, and SmolLM2-135M.
+
+The tiny files are written the way llama.cpp's converter writes them (q/k rows permuted into
+interleaved rotary pairs, weights quantised by the `gguf` package), from a random transformers
+LLaMA; transformers reads them back with `from_pretrained(dir, gguf_file=...)`, which undoes the
+permutation and dequantises on its own code path. Our logits must match its logits.
+"""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+import gguf  # pylint: disable=wrong-import-position
+import sentencepiece as spm  # pylint: disable=wrong-import-position
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # pylint: disable=wrong-import-position
+
+from lima_jax import config, convert  # pylint: disable=wrong-import-position
+from lima_jax.errors import LimaError  # pylint: disable=wrong-import-position
+from lima_jax.weights import gguf as gguf_weights  # pylint: disable=wrong-import-position
+from lima_jax.weights import pretrained  # pylint: disable=wrong-import-position
+from tests.test_convert import hf_logits, our_logits  # pylint: disable=wrong-import-position
+
+Q = gguf.GGMLQuantizationType
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+            "{% endfor %}")
+
+
+def sample_texts():
+  texts = []
+  for name in ("train.jsonl", "dev.jsonl"):
+    with open(config.sample_data(name), encoding="utf-8") as f:
+      texts += [t for line in f for t in json.loads(line)["conversations"]]
+  return texts + ["<|im_start|>user\nIn 2023, 12 + 30 = 42?<|im_end|>\n", "  two  spaces\n\n\tend"]
+
+
+def byte_level_bpe(vocab_size=400):
+  """A byte-level BPE trained on the sample texts, split as SmolLM's (digits, then GPT-2)."""
+  tokenizer = Tokenizer(models.BPE())
+  tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+      [pre_tokenizers.Digits(individual_digits=True),
+       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+  tokenizer.train_from_iterator(sample_texts(), trainers.BpeTrainer(
+      vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  return tokenizer
+
+
+def llama_cpp_permute(w, heads):
+  """llama.cpp's convert_hf_to_gguf: HF's rotate-half q/k rows -> interleaved pairs."""
+  return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(path, model, tokenizer, *, qtype=Q.F32, arch="llama"):
+  """`model` (a transformers LLaMA) and a byte-level `tokenizer` as llama.cpp writes them;
+  matrices in `qtype`, norms in F32."""
+  cfg = model.config
+  writer = gguf.GGUFWriter(path, arch)
+  writer.add_context_length(cfg.max_position_embeddings)
+  writer.add_embedding_length(cfg.hidden_size)
+  writer.add_block_count(cfg.num_hidden_layers)
+  writer.add_feed_forward_length(cfg.intermediate_size)
+  writer.add_head_count(cfg.num_attention_heads)
+  writer.add_head_count_kv(cfg.num_key_value_heads)
+  writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+  writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+  writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+  writer.add_vocab_size(cfg.vocab_size)
+  vocab = sorted(tokenizer.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+  state = json.loads(tokenizer.to_str())
+  writer.add_tokenizer_model("gpt2")
+  writer.add_tokenizer_pre("smollm")
+  writer.add_token_list([t for t, _ in vocab])
+  writer.add_token_types([3 if t in SPECIALS else 1 for t, _ in vocab])
+  writer.add_token_merges([" ".join(m) for m in state["model"]["merges"]])
+  writer.add_bos_token_id(1)
+  writer.add_eos_token_id(2)
+  writer.add_add_bos_token(False)
+  writer.add_chat_template(TEMPLATE)
+  names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj":
+           "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
+           "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+           "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+  for key, w in model.state_dict().items():
+    w = w.float().numpy()
+    if key.startswith("model.layers."):
+      _, _, layer, rest = key.split(".", 3)
+      module = rest.rsplit(".", 1)[0]
+      if module == "self_attn.q_proj":
+        w = llama_cpp_permute(w, cfg.num_attention_heads)
+      elif module == "self_attn.k_proj":
+        w = llama_cpp_permute(w, cfg.num_key_value_heads)
+      name = f"blk.{layer}.{names[module]}.weight"
+    elif key == "lm_head.weight":
+      if cfg.tie_word_embeddings:
+        continue
+      name = "output.weight"
+    else:
+      name = {"model.embed_tokens.weight": "token_embd.weight",
+              "model.norm.weight": "output_norm.weight"}[key]
+    if w.ndim == 1 or qtype == Q.F32:
+      writer.add_tensor(name, np.ascontiguousarray(w, np.float32))
+    elif qtype == Q.F16:
+      writer.add_tensor(name, w.astype(np.float16))
+    else:
+      writer.add_tensor(name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+
+
+def random_llama(vocab, *, heads=4, kv=2, tied=True, seed=0):
+  torch.manual_seed(seed)
+  cfg = transformers.LlamaConfig(
+      vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+      num_attention_heads=heads, num_key_value_heads=kv, rope_theta=100_000.0, rms_norm_eps=1e-5,
+      tie_word_embeddings=tied, max_position_embeddings=256)
+  model = transformers.LlamaForCausalLM(cfg).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight")
+              else 0.1 * torch.randn_like(p))
+  return model
+
+
+def transformers_from_gguf(path):
+  return transformers.AutoModelForCausalLM.from_pretrained(
+      os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def bpe():
+  return byte_level_bpe()
+
+
+CASES = {  # quantisation, heads / kv heads, tied embeddings
+    "f32-gqa-tied": (Q.F32, 4, 2, True),
+    "f16-mha-untied": (Q.F16, 4, 4, False),
+    "q8_0-gqa-untied": (Q.Q8_0, 4, 2, False),
+    "q4_1-gqa-tied": (Q.Q4_1, 4, 1, True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_gguf_to_orbax_matches_transformers(tmp_path, bpe, case):
+  """`convert gguf-to-orbax` (the CLI): our forward on the import equals transformers' on the
+  GGUF. Reading q/k without undoing llama.cpp's permutation moves the logits by far more than
+  the tolerance (checked below on the same file), as would dequantising the wrong type."""
+  qtype, heads, kv, tied = CASES[case]
+  model = random_llama(bpe.get_vocab_size(), heads=heads, kv=kv, tied=tied)
+  path = str(tmp_path / "model.gguf")
+  write_gguf(path, model, bpe, qtype=qtype)
+  reference = transformers_from_gguf(path)
+  tokens = np.random.default_rng(0).integers(0, bpe.get_vocab_size(), (2, 24)).astype(np.int32)
+  want = hf_logits(reference, tokens)
+
+  assert convert.main(["gguf-to-orbax", path, str(tmp_path / "ckpt")]) == 0
+  got, _ = our_logits(tmp_path / "ckpt", tokens)
+  vocab = bpe.get_vocab_size()
+  np.testing.assert_allclose(got[..., :vocab], want, atol=1e-4, rtol=1e-4)
+  # For quantised files the reference also moves off the unquantised model: the types differ.
+  if qtype in (Q.Q8_0, Q.Q4_1):
+    assert np.abs(hf_logits(model, tokens) - want).max() > 1e-3
+
+  source = gguf_weights.GgufSource(path)
+  source.tensor = lambda name, layer=None: gguf_weights.layout.from_linear(
+      name, source.linear(name, layer), source.fields)  # q/k as stored: no un-permutation
+  from lima_jax import sharding  # pylint: disable=import-outside-toplevel
+  from lima_jax.model import LlamaConfig  # pylint: disable=import-outside-toplevel
+  mesh = sharding.make_mesh(1, -1, 1)
+  params = gguf_weights.layout.place(
+      source, pretrained.abstract_params(LlamaConfig(**source.fields), mesh), add_eot=False)
+  pretrained.save(str(tmp_path / "wrong"), params, source.fields,
+                  tokenizer_path=str(tmp_path / "ckpt" / "tokenizer.json"), extras={},
+                  source=path)
+  wrong, _ = our_logits(tmp_path / "wrong", tokens)
+  assert np.abs(wrong[..., :vocab] - want).max() > 1e-2
+
+
+def test_gguf_import_on_eight_devices_and_tokenizer_files(tmp_path, bpe):
+  """Each of 8 device shards is cut from the dequantised tensor; the tokenizer written beside
+  the weights encodes every sample text exactly as the tokenizer the file was made from, keeps
+  the specials whole, and carries the chat template."""
+  from lima_jax import sharding  # pylint: disable=import-outside-toplevel
+  model = random_llama(bpe.get_vocab_size(), heads=4, kv=4, tied=False, seed=1)
+  path = str(tmp_path / "model.gguf")
+  write_gguf(path, model, bpe, qtype=Q.Q8_0)
+  mesh = sharding.make_mesh(2, 2, 2)
+  convert.import_gguf(path, str(tmp_path / "ckpt"), mesh=mesh)
+  tokens = np.random.default_rng(1).integers(0, bpe.get_vocab_size(), (2, 24)).astype(np.int32)
+  want = hf_logits(transformers_from_gguf(path), tokens)
+  got, _ = our_logits(tmp_path / "ckpt", tokens, mesh)
+  np.testing.assert_allclose(got[..., :bpe.get_vocab_size()], want, atol=1e-4, rtol=1e-4)
+
+  ours = Tokenizer.from_file(str(tmp_path / "ckpt" / "tokenizer.json"))
+  for text in sample_texts():
+    ids = ours.encode(text).ids
+    assert ids == bpe.encode(text).ids, text
+    assert ours.decode(ids, skip_special_tokens=False) == text
+  assert ours.encode("<|im_end|>").ids == [2]
+  with open(tmp_path / "ckpt" / "tokenizer_config.json", encoding="utf-8") as f:
+    cfg = json.load(f)
+  assert cfg["chat_template"] == TEMPLATE and cfg["eos_token"] == "<|im_end|>"
+  saved = pretrained.OrbaxParams(str(tmp_path / "ckpt"))
+  assert saved.tokenizer() == str(tmp_path / "ckpt" / "tokenizer.json")
+  assert saved.fields["vocab_size"] == bpe.get_vocab_size()  # no EOT row added
+
+
+def test_gguf_to_hf_loads_in_transformers(tmp_path, bpe):
+  """`convert gguf-to-hf`: the directory loads in transformers (weights and tokenizer) and gives
+  the GGUF's logits; its tokenizer encodes as ours does."""
+  model = random_llama(bpe.get_vocab_size(), heads=4, kv=2, tied=False, seed=2)
+  path = str(tmp_path / "model.gguf")
+  write_gguf(path, model, bpe, qtype=Q.Q4_1)
+  assert convert.main(["gguf-to-hf", path, str(tmp_path / "hf")]) == 0
+  exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+  tokens = np.random.default_rng(2).integers(0, bpe.get_vocab_size(), (2, 24)).astype(np.int32)
+  np.testing.assert_allclose(hf_logits(exported, tokens),
+                             hf_logits(transformers_from_gguf(path), tokens), atol=1e-5)
+  hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+  text = "<|im_start|>user\nWhat is 12 + 30?<|im_end|>\n"
+  assert hf_tok.encode(text, add_special_tokens=False) == bpe.encode(text).ids
+  assert hf_tok.eos_token == "<|im_end|>"
+  assert hf_tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == \
+      "<|im_start|>user\nhi<|im_end|>\n"
+
+
+def test_sentencepiece_vocabulary_encodes_as_sentencepiece(tmp_path):
+  """A `llama` (sentencepiece BPE) tokenizer in the metadata, here the sample tokenizer's pieces
+  and scores, becomes a tokenizer.json that encodes the sample texts as sentencepiece does."""
+  sp = spm.SentencePieceProcessor(model_file=config.sample_data("tokenizer.model"))
+  n = sp.get_piece_size()
+  model = random_llama(n, seed=3)
+  path = str(tmp_path / "model.gguf")
+  writer = gguf.GGUFWriter(path, "llama")
+  for key, value in (("embedding_length", 64), ("block_count", 2), ("feed_forward_length", 96),
+                     ("attention.head_count", 4), ("attention.head_count_kv", 2)):
+    writer.add_uint32(f"llama.{key}", value)
+  writer.add_layer_norm_rms_eps(1e-5)
+  writer.add_tokenizer_model("llama")
+  writer.add_token_list([sp.id_to_piece(i) for i in range(n)])
+  writer.add_token_scores([sp.get_score(i) for i in range(n)])
+  writer.add_token_types([2 if sp.is_unknown(i) else 3 if sp.is_control(i) else
+                          6 if sp.is_byte(i) else 1 for i in range(n)])
+  writer.add_bos_token_id(sp.bos_id())
+  writer.add_eos_token_id(sp.eos_id())
+  writer.add_unk_token_id(sp.unk_id())
+  for key, w in model.state_dict().items():  # the weights are not what this test reads
+    if key != "lm_head.weight":
+      name = key.replace("model.embed_tokens", "token_embd").replace("model.norm", "output_norm")
+      if key.startswith("model.layers."):
+        _, _, layer, rest = key.split(".", 3)
+        name = f"blk.{layer}." + {
+            "self_attn.q_proj.weight": "attn_q", "self_attn.k_proj.weight": "attn_k",
+            "self_attn.v_proj.weight": "attn_v", "self_attn.o_proj.weight": "attn_output",
+            "mlp.gate_proj.weight": "ffn_gate", "mlp.up_proj.weight": "ffn_up",
+            "mlp.down_proj.weight": "ffn_down", "input_layernorm.weight": "attn_norm",
+            "post_attention_layernorm.weight": "ffn_norm"}[rest] + ".weight"
+      writer.add_tensor(name, np.ascontiguousarray(w.numpy()))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  ours = Tokenizer.from_file(gguf_weights.GgufSource(path).write_tokenizer(str(tmp_path / "t")))
+  texts = sample_texts()
+  for text in texts:
+    assert ours.encode(text, add_special_tokens=False).ids == sp.encode(text), text
+  assert ours.encode("hi").ids[0] == sp.bos_id()  # add_bos_token defaults on for sentencepiece
+
+
+def test_refusals(tmp_path, bpe, capsys):
+  """Another architecture is refused naming it; the CLI prints one line and exits 2; a bad file
+  or an existing output directory is refused before anything is written."""
+  model = random_llama(bpe.get_vocab_size())
+  path = str(tmp_path / "qwen.gguf")
+  write_gguf(path, model, bpe, arch="qwen2")
+  with pytest.raises(LimaError, match="general.architecture is 'qwen2'"):
+    gguf_weights.GgufSource(path)
+  assert convert.main(["gguf-to-orbax", path, str(tmp_path / "out")]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and "qwen2" in err and len(err.strip().splitlines()) == 1
+  assert not os.path.exists(tmp_path / "out")
+
+  (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
+  with pytest.raises(LimaError, match="not a readable GGUF file"):
+    gguf_weights.GgufSource(str(tmp_path / "junk.gguf"))
+
+  good = str(tmp_path / "good.gguf")
+  write_gguf(good, model, bpe)
+  (tmp_path / "busy").mkdir()
+  (tmp_path / "busy" / "keep").write_text("x")
+  assert convert.main(["gguf-to-orbax", good, str(tmp_path / "busy")]) == 2
+  assert os.listdir(tmp_path / "busy") == ["keep"]
+  shutil.rmtree(tmp_path / "busy")
