@@ -69,6 +69,8 @@ def train_steps(setup, cfg, state, steps: range, ckpts, reporter) -> Outcome:
   cadence = Cadence(cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes)
   bad_steps = 0
   record, epoch_loss = {}, [0.0, 0.0]  # token-weighted loss sum and token count of the epoch
+  if steps.start == 0 and 0 in setup.generations.epochs:
+    _end_of_epoch(setup, state, 0, None, reporter)  # epoch 0: the params training starts from
   with StopRequest() as stop:
     for step in steps:
       state, record = _one_step(setup, state, step)
@@ -113,8 +115,10 @@ def _one_step(setup, state, step) -> tuple[dict, dict]:
 
 
 def _end_of_epoch(setup, state, step, epoch_loss, reporter) -> None:
+  """Dev loss and perplexity, the epoch's record and its dev generations; at step 0 (no train
+  loss) for the starting params, as epoch 0."""
   epoch = step // setup.plan.steps_per_epoch
-  summary = {"loss": epoch_loss[0] / max(epoch_loss[1], 1)}
+  summary = {} if epoch_loss is None else {"loss": epoch_loss[0] / max(epoch_loss[1], 1)}
   if setup.dev is not None:
     summary.update({f"dev_{k}": v
                     for k, v in setup.dev.evaluate(setup.trainer, state["params"]).items()})
