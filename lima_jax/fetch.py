@@ -28,6 +28,11 @@ def cache_dir() -> str:
   return os.path.join(os.path.expanduser(root), "models")
 
 
+def import_dir() -> str:
+  """Where `python -m lima_jax.demo` keeps its import of the GGUF (our params dir)."""
+  return os.path.join(cache_dir(), "smollm2-135m-instruct")
+
+
 def _sha256(path: str) -> str:
   digest = hashlib.sha256()
   with open(path, "rb") as f:
