@@ -18,7 +18,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 import gguf  # pylint: disable=wrong-import-position
 import sentencepiece as spm  # pylint: disable=wrong-import-position
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # pylint: disable=wrong-import-position
+from tokenizers import (  # pylint: disable=wrong-import-position
+    Tokenizer, models, pre_tokenizers, trainers)
 
 from lima_jax import config, convert  # pylint: disable=wrong-import-position
 from lima_jax.errors import LimaError  # pylint: disable=wrong-import-position
