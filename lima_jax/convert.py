@@ -10,7 +10,8 @@ HF and Meta imports add LIMA's EOT token (vocabulary + 1, its rows the mean of t
 the vocabulary for the TPU and copy the tokenizer next to the weights; train from the result with
 `--config.init_from=OUT_DIR`. A GGUF file keeps its vocabulary (its chat models end turns with a
 token of their own, such as `<|im_end|>`) and its tokenizer is written as tokenizer.json.
-CKPT_DIR is such an import or a training workdir (its latest checkpoint, or --step). Every conversion reports the peak host memory it used.
+CKPT_DIR is such an import or a training workdir (its latest checkpoint, or --step). Every
+conversion reports the peak host memory it used.
 """
 
 import argparse
