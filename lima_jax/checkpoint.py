@@ -145,3 +145,34 @@ def check_same_model(meta: dict, model_fields: dict, where: str) -> None:
     if key in saved and saved[key] != value:
       raise LimaError(f"{where}: holds a checkpoint with model.{key}={saved[key]!r}, but the "
                       f"config says {value!r}; use a fresh --workdir or the same model config")
+
+
+# What fixes the step count and the LR of every step: a run resumed with other values would
+# continue on another schedule from the middle of its own (the LR jumps). train.stop_after_steps
+# is not here: it ends a run early without changing its schedule.
+SCHEDULE_KEYS = ("train.epochs", "train.batch_size", "optimizer.learning_rate",
+                 "optimizer.end_learning_rate", "optimizer.warmup_steps")
+
+
+def check_same_schedule(meta: dict, current: dict, where: str) -> None:
+  """Refuses to resume a workdir whose checkpoints were trained on another step count or LR
+  schedule. `meta` is a checkpoint's metadata, `current` the metadata the run would write
+  (both hold `config`, `steps_per_epoch`, `total_steps`)."""
+  def value(m, key):
+    section, name = key.split(".")
+    return m.get("config", {}).get(section, {}).get(name)
+
+  changed = [(key, value(meta, key), value(current, key)) for key in SCHEDULE_KEYS
+             if value(meta, key) is not None and value(meta, key) != value(current, key)]
+  saved_steps = meta.get("steps_per_epoch")
+  if not changed and saved_steps is not None and saved_steps != current["steps_per_epoch"]:
+    # Same batch size, so the training data holds another number of examples.
+    changed = [("data.train_path's steps per epoch", saved_steps, current["steps_per_epoch"])]
+  if changed:
+    was = ", ".join(f"{key}={old}" for key, old, _ in changed)
+    now = ", ".join(f"{key}={new}" for key, _, new in changed)
+    raise LimaError(
+        f"{where}: holds a run trained with {was}, but the config says {now}, which would change "
+        f"its step count or learning-rate schedule mid-run; rerun with the workdir's values, or "
+        f"train further in a fresh --workdir with --config.init_from={where} (its newest "
+        "checkpoint's params)")

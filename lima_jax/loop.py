@@ -17,6 +17,9 @@ import jax
 
 from lima_jax.errors import LimaError
 
+# Checkpoint metadata: the epoch's train loss so far, [token-weighted loss sum, token count].
+EPOCH_LOSS = "epoch_loss_so_far"
+
 
 class StopRequest:
   """Catches SIGTERM and SIGINT while training; a second Ctrl-C interrupts at once."""
@@ -64,11 +67,17 @@ class Outcome:
   stopped_by: str | None  # the signal that stopped the run early, if any
 
 
-def train_steps(setup, cfg, state, steps: range, ckpts, reporter) -> Outcome:
-  """Runs `steps` (global step numbers) from `state`; see the module docstring."""
+def train_steps(setup, cfg, state, steps: range, ckpts, reporter,
+                epoch_loss: tuple[float, float] = (0.0, 0.0)) -> Outcome:
+  """Runs `steps` (global step numbers) from `state`; see the module docstring.
+
+  `epoch_loss` is the token-weighted loss sum and token count of the steps of the current epoch
+  before `steps.start` (a resumed run's checkpoint carries them as EPOCH_LOSS), so an epoch's
+  train loss covers all its steps however often the run was interrupted.
+  """
   cadence = Cadence(cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes)
   bad_steps = 0
-  record, epoch_loss = {}, [0.0, 0.0]  # token-weighted loss sum and token count of the epoch
+  record, epoch_loss = {}, list(epoch_loss)
   with StopRequest() as stop:
     for step in steps:
       state, record = _one_step(setup, state, step)
@@ -89,7 +98,8 @@ def train_steps(setup, cfg, state, steps: range, ckpts, reporter) -> Outcome:
       last = done == steps.stop
       if epoch_done or last or stop.signal_name or cadence.due(done):
         ckpts.save(done, state, dict(setup.meta, step=done,
-                                     epoch=done / setup.plan.steps_per_epoch),
+                                     epoch=done / setup.plan.steps_per_epoch,
+                                     **{EPOCH_LOSS: epoch_loss}),
                    interval=not (epoch_done or last))
         cadence.saved()
       if stop.signal_name:

@@ -85,7 +85,7 @@ def plan_run(cfg, topo: topology.Topology, *, num_examples: int | None = None,
       "num_examples": num_examples, "batch_size": cfg.train.batch_size,
       "steps_per_epoch": epochs.steps_per_epoch, "epochs": cfg.train.epochs,
       "total_steps": total_steps,
-      "lr_at_epoch_end": [float(schedule((e + 1) * epochs.steps_per_epoch))
+      "lr_at_epoch_end": [float(schedule((e + 1) * epochs.steps_per_epoch - 1))  # last step's
                           for e in range(cfg.train.epochs)],
       "dropout_per_layer": [round(float(p), 6) for p in residual_dropout_rates(
           cfg.model.n_layers, cfg.model.residual_dropout_top)],
@@ -219,7 +219,7 @@ def render(report: dict, config_name: str) -> str:
       f"  rows      up to {report['micro_batches']} micro-batches x "
       f"{report['micro_batch_rows']} packed rows x {report['max_length']} tokens per step, "
       f"{report['mean_rows_computed']:.1f} rows computed on average ({report['rows_source']})",
-      "  lr        at each epoch's end: "
+      "  lr        of each epoch's last step: "
       + ", ".join(f"{lr:.3g}" for lr in report["lr_at_epoch_end"]),
       f"  dropout   per layer ({len(report['dropout_per_layer'])} layers, bottom to top):",
   ]

@@ -28,6 +28,7 @@ from lima_jax.errors import LimaError
 from lima_jax.metrics import RunReporter
 from lima_jax.model import LlamaConfig
 from lima_jax.train_state import Trainer
+from lima_jax.workdir_lock import WorkdirLock
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "configs", "toy.py")
@@ -188,16 +189,25 @@ def init_distributed(multihost: bool | None) -> None:
 
 
 def run(cfg, workdir: str) -> dict:
-  """Trains as `cfg` says; returns the last step's metrics (empty if there was nothing to do)."""
+  """Trains as `cfg` says; returns the last step's metrics (empty if there was nothing to do).
+
+  Raises LimaError for bad input or a workdir in use by another run, and KeyboardInterrupt
+  (saying which checkpoint is the newest) when a second Ctrl-C stops the run at once.
+  """
   started = time.perf_counter()
   if "://" not in workdir:
     workdir = os.path.abspath(workdir)  # Orbax refuses relative checkpoint paths
   s = prepare(cfg, workdir)
+  with WorkdirLock(workdir):  # after prepare: taking it needs to know which process is 0
+    return _train(s, cfg, workdir, started)
+
+
+def _train(s: Setup, cfg, workdir: str, started: float) -> dict:
   ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"),
                                  max_to_keep=cfg.checkpoint.max_to_keep,
                                  async_save=cfg.checkpoint.async_save)
   try:
-    state, start = _restore_or_init(ckpts, s.trainer, cfg, s.meta, workdir)
+    state, start, epoch_loss = _restore_or_init(ckpts, s.trainer, cfg, s.meta, workdir)
   except BaseException:
     ckpts.close()
     raise
@@ -213,12 +223,22 @@ def run(cfg, workdir: str) -> dict:
         f"{dict(s.trainer.mesh.shape)}, {f'resuming at step {start}' if start else 'fresh start'}"
         f"; set-up {time.perf_counter() - started:.1f}s", flush=True)
   reporter = RunReporter(workdir, total_steps=s.total_steps, initial_step=start)
+  interrupted = False
   try:
-    outcome = loop.train_steps(s, cfg, state, range(start, end), ckpts, reporter)
+    outcome = loop.train_steps(s, cfg, state, range(start, end), ckpts, reporter, epoch_loss)
+  except KeyboardInterrupt:  # a second Ctrl-C: no traceback, but say what is on disk
+    interrupted = True
   finally:
-    ckpts.close()
+    ckpts.close()  # finishes a checkpoint write in flight
     s.generations.close()
     reporter.close()
+  if interrupted:
+    newest = ckpts.latest_step()
+    raise KeyboardInterrupt(
+        f"interrupted at once by a second Ctrl-C; the newest checkpoint is step {newest} in "
+        f"{ckpts.directory}: rerun the same command to resume from it" if newest else
+        f"interrupted at once by a second Ctrl-C before any checkpoint was written in "
+        f"{ckpts.directory}: rerun the same command to start afresh")
   done = outcome.last.get("step", start)
   print(f"lima_jax: stopped at step {done}/{s.total_steps}"
         f"{f' ({outcome.stopped_by})' if outcome.stopped_by else ''}; checkpoints in "
@@ -227,24 +247,28 @@ def run(cfg, workdir: str) -> dict:
 
 
 def _restore_or_init(ckpts, trainer, cfg, meta, workdir):
-  """(state, step) from the newest readable checkpoint, or a fresh state at step 0."""
+  """(state, step, the epoch's loss sums so far) from the newest readable checkpoint, or a fresh
+  state at step 0."""
   def same_run(saved):
     checkpoint.check_same_model(saved, meta["model"], workdir)
+    checkpoint.check_same_schedule(saved, meta, workdir)
     if saved.get("tokenizer_sha256") != meta["tokenizer_sha256"]:
       raise LimaError(f"data.tokenizer_path: {cfg.data.tokenizer_path} differs from the "
                       f"tokenizer the checkpoints in {workdir} were trained with")
 
   restored = ckpts.restore_newest(trainer.abstract_state, check_meta=same_run)
   if restored is not None:
-    state, step, _ = restored
-    return state, step
+    state, step, saved = restored
+    return state, step, tuple(saved.get(loop.EPOCH_LOSS, (0.0, 0.0)))
   if ckpts.all_steps():
     raise LimaError(f"{ckpts.directory}: no checkpoint there reads back whole; move the "
                     "directory away to start afresh")
   if cfg.init_from:  # pretrained weights (HF, Meta or our import); the optimizer starts fresh
     from lima_jax.weights import pretrained  # pylint: disable=import-outside-toplevel
-    return pretrained.init_state(trainer, cfg.init_from, meta["tokenizer_sha256"]), 0
-  return trainer.init(cfg.seed), 0
+    state = pretrained.init_state(trainer, cfg.init_from, meta["tokenizer_sha256"])
+  else:
+    state = trainer.init(cfg.seed)
+  return state, 0, (0.0, 0.0)
 
 
 def default_workdir(config_path: str) -> str:
@@ -263,6 +287,9 @@ def main(argv):
     run(cfg, workdir)
   except LimaError as e:
     fail(str(e))
+  except KeyboardInterrupt as e:  # one line, not a page of traceback
+    print(f"lima_jax: {e or 'interrupted'}", file=sys.stderr, flush=True)
+    sys.exit(130)  # the shell's status for SIGINT
 
 
 def parse_flags(argv):

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from lima_jax import sharding
+from lima_jax import optim, sharding
 from lima_jax.model import Llama, LlamaConfig
 
 BATCH_KEYS = ("tokens", "targets", "weights", "segment_ids", "positions")
@@ -108,8 +108,12 @@ class Trainer:
     loss, grads = _sum_over_micro_batches(micro_loss_and_grads, batch, zeros)
     grad_norm = optax.tree.norm(grads)
 
+    # The LR follows the step counter, not optax's (which a skipped update leaves behind).
+    lr = self.schedule(state["step"])
+
     def update(_):
-      updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
+      updates, opt_state = self.optimizer.update(
+          grads, optim.set_learning_rate(state["opt_state"], lr), state["params"])
       return optax.apply_updates(state["params"], updates), opt_state
 
     # A non-finite loss or gradient leaves params and optimizer state as they were (a cond,
@@ -118,7 +122,7 @@ class Trainer:
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     params, opt_state = jax.lax.cond(
         finite, update, lambda _: (state["params"], state["opt_state"]), None)
-    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": self.schedule(state["step"]),
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr,
                "tokens": count}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 

@@ -11,7 +11,7 @@ import pytest
 from helpers import ROOT, tree_hashes
 from lima_jax import train
 TINY = ["--config.train.epochs=1", "--config.train.batch_size=32", "--config.data.max_length=64",
-        "--config.model.n_layers=1"]
+        "--config.model.n_layers=1", "--config.optimizer.warmup_steps=0"]  # 3 steps
 
 
 @pytest.fixture(scope="module")

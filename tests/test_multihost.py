@@ -21,6 +21,7 @@ def tiny_config():
   cfg.train.epochs = 1  # 9 steps of the 71 sample conversations, then the dev set
   cfg.model.d_model, cfg.model.n_layers, cfg.model.ffn_dim = 64, 2, 128
   cfg.eval.generate_epochs = ()
+  cfg.optimizer.warmup_steps = 2  # of 9 steps
   cfg.checkpoint.async_save = False
   return cfg
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from lima_jax import config, data, plan, sharding, topology, train
@@ -62,7 +63,10 @@ def test_lima_recipe_counts_steps_lr_and_dropout():
   assert report["params"] > 0 and report["fits"]
   assert (report["steps_per_epoch"], report["total_steps"]) == (32, 480)
   lrs = report["lr_at_epoch_end"]
-  assert len(lrs) == 15 and lrs[-1] == pytest.approx(1e-6) and lrs[0] == pytest.approx(9.4e-6)
+  # The LR of each epoch's last step (31, 63, ..., 479): 1e-5 - 9e-6 * step / 479, so the last
+  # epoch ends exactly at end_learning_rate (the step after the last one, 480, gave 9.4e-6 first).
+  assert lrs == pytest.approx([1e-5 - 9e-6 * (32 * e - 1) / 479 for e in range(1, 16)])
+  assert lrs[-1] == np.float32(1e-6)
   assert report["dropout_per_layer"] == pytest.approx([0.0, 0.1, 0.2, 0.3])
   # 32 examples x ~750 tokens fill 24 rows of 1024: 3 micro-batches of one row per batch shard.
   assert report["rows_per_step"] == 24 and report["rows_source"].startswith("assumed")

@@ -27,6 +27,7 @@ def workdir(tmp_path_factory):
   cfg.train.batch_size, cfg.train.epochs = 32, EPOCHS
   cfg.model.d_model, cfg.model.n_layers, cfg.model.ffn_dim = 64, 2, 128
   cfg.checkpoint.max_to_keep = 1
+  cfg.optimizer.warmup_steps = 2  # of 9 steps
   cfg.eval.max_new_tokens = 16
   train.run(cfg, path)
   return path

@@ -87,7 +87,8 @@ def test_resuming_with_another_remat_policy_or_layer_loop_is_allowed(tmp_path):
 
 def test_cli_shows_progress_and_exits_zero(tmp_path):
   args = ["--config.train.epochs=1", "--config.train.batch_size=16", "--config.data.max_length=64",
-          "--config.model.n_layers=1", f"--workdir={tmp_path}"]
+          "--config.model.n_layers=1", "--config.optimizer.warmup_steps=2",  # of 5 steps
+          f"--workdir={tmp_path}"]
   proc = subprocess.run([sys.executable, "-m", "lima_jax.train", *args], cwd=ROOT,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
