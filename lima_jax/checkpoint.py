@@ -42,6 +42,7 @@ class Checkpoints:
     # Retention is ours, not Orbax's: the newest `max_to_keep` epoch checkpoints, plus interval
     # checkpoints (for preemptible machines) only until a newer checkpoint is safely on disk.
     self._max_to_keep = max_to_keep
+    self._writing, self._in_save = None, False  # the step of the newest save, and if in the call
     self._interval_steps = {s for s in self.all_steps() if self._is_interval(s)}
 
   def _is_interval(self, step: int) -> bool:
@@ -56,6 +57,13 @@ class Checkpoints:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
+  def newest_complete_step(self) -> int | None:
+    """The newest checkpoint whose write has finished; safe to ask from a signal handler that
+    interrupted `save`."""
+    written = not self._in_save and not self._manager.is_saving_in_progress()
+    steps = [s for s in self.all_steps() if s != self._writing or written]
+    return max(steps) if steps else None
+
   def save(self, step: int, state, meta: dict, *, interval: bool = False) -> None:
     """Starts an asynchronous save; training goes on while it is written.
 
@@ -67,9 +75,11 @@ class Checkpoints:
     if step in self.all_steps():  # a damaged checkpoint that the restore skipped
       self._manager.delete(step)
       self._interval_steps.discard(step)
+    self._writing, self._in_save = step, True
     self._manager.save(step, force=True, args=ocp.args.Composite(
         **{STATE: ocp.args.StandardSave(state),
            META: ocp.args.JsonSave(dict(meta, kind="interval" if interval else "epoch"))}))
+    self._in_save = False
     if interval:
       self._interval_steps.add(step)
 

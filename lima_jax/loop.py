@@ -9,7 +9,9 @@ order, dropout and LR all follow from the step, rerunning the same command resum
 
 import dataclasses
 import math
+import os
 import signal
+import sys
 import threading
 import time
 
@@ -22,10 +24,18 @@ EPOCH_LOSS = "epoch_loss_so_far"
 
 
 class StopRequest:
-  """Catches SIGTERM and SIGINT while training; a second Ctrl-C interrupts at once."""
+  """Catches SIGTERM and SIGINT while training; a second Ctrl-C ends the process at once.
 
-  def __init__(self):
+  At once means as a kill would: a checkpoint write in flight is abandoned (the checkpoints before
+  it are intact, see checkpoint.py), and one line on stderr names the newest complete checkpoint
+  (`saved()` says it). Once a signal has come, the handler stays until the process exits, so a
+  second Ctrl-C while the run winds down (finishing a checkpoint, closing files) ends it the same
+  way instead of raising KeyboardInterrupt inside a library.
+  """
+
+  def __init__(self, saved):
     self.signal_name = None
+    self._saved = saved
     self._previous = {}
 
   def __enter__(self):
@@ -36,12 +46,20 @@ class StopRequest:
 
   def _handle(self, signum, frame):
     del frame
-    self.signal_name = signal.Signals(signum).name
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if self.signal_name and signum == signal.SIGINT:
+      try:
+        saved = self._saved()
+      except Exception:  # pylint: disable=broad-except  # interrupted mid-call into Orbax
+        saved = "rerun the same command to resume from the newest checkpoint"
+      print(f"\nlima_jax: interrupted at once by a second Ctrl-C; {saved}", file=sys.stderr,
+            flush=True)
+      os._exit(130)  # the shell's status for SIGINT
+    self.signal_name = self.signal_name or signal.Signals(signum).name
 
   def __exit__(self, *exc):
-    for signum, handler in self._previous.items():
-      signal.signal(signum, handler)
+    if self.signal_name is None:
+      for signum, handler in self._previous.items():
+        signal.signal(signum, handler)
 
 
 @dataclasses.dataclass
@@ -78,7 +96,7 @@ def train_steps(setup, cfg, state, steps: range, ckpts, reporter,
   cadence = Cadence(cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes)
   bad_steps = 0
   record, epoch_loss = {}, list(epoch_loss)
-  with StopRequest() as stop:
+  with StopRequest(lambda: _newest_checkpoint(ckpts)) as stop:
     for step in steps:
       state, record = _one_step(setup, state, step)
       reporter.step(record)
@@ -107,6 +125,14 @@ def train_steps(setup, cfg, state, steps: range, ckpts, reporter,
                          "Rerun the same command to resume.")
         return Outcome(record, stop.signal_name)
   return Outcome(record, None)
+
+
+def _newest_checkpoint(ckpts) -> str:
+  step = ckpts.newest_complete_step()
+  if step is None:
+    return f"no checkpoint in {ckpts.directory} yet: rerun the same command to start afresh"
+  return (f"the newest checkpoint is step {step} in {ckpts.directory}: rerun the same command "
+          "to resume from it")
 
 
 def _one_step(setup, state, step) -> tuple[dict, dict]:

@@ -191,8 +191,7 @@ def init_distributed(multihost: bool | None) -> None:
 def run(cfg, workdir: str) -> dict:
   """Trains as `cfg` says; returns the last step's metrics (empty if there was nothing to do).
 
-  Raises LimaError for bad input or a workdir in use by another run, and KeyboardInterrupt
-  (saying which checkpoint is the newest) when a second Ctrl-C stops the run at once.
+  Raises LimaError for bad input or a workdir in use by another run.
   """
   started = time.perf_counter()
   if "://" not in workdir:
@@ -223,22 +222,12 @@ def _train(s: Setup, cfg, workdir: str, started: float) -> dict:
         f"{dict(s.trainer.mesh.shape)}, {f'resuming at step {start}' if start else 'fresh start'}"
         f"; set-up {time.perf_counter() - started:.1f}s", flush=True)
   reporter = RunReporter(workdir, total_steps=s.total_steps, initial_step=start)
-  interrupted = False
   try:
     outcome = loop.train_steps(s, cfg, state, range(start, end), ckpts, reporter, epoch_loss)
-  except KeyboardInterrupt:  # a second Ctrl-C: no traceback, but say what is on disk
-    interrupted = True
   finally:
-    ckpts.close()  # finishes a checkpoint write in flight
+    ckpts.close()
     s.generations.close()
     reporter.close()
-  if interrupted:
-    newest = ckpts.latest_step()
-    raise KeyboardInterrupt(
-        f"interrupted at once by a second Ctrl-C; the newest checkpoint is step {newest} in "
-        f"{ckpts.directory}: rerun the same command to resume from it" if newest else
-        f"interrupted at once by a second Ctrl-C before any checkpoint was written in "
-        f"{ckpts.directory}: rerun the same command to start afresh")
   done = outcome.last.get("step", start)
   print(f"lima_jax: stopped at step {done}/{s.total_steps}"
         f"{f' ({outcome.stopped_by})' if outcome.stopped_by else ''}; checkpoints in "
@@ -287,8 +276,9 @@ def main(argv):
     run(cfg, workdir)
   except LimaError as e:
     fail(str(e))
-  except KeyboardInterrupt as e:  # one line, not a page of traceback
-    print(f"lima_jax: {e or 'interrupted'}", file=sys.stderr, flush=True)
+  except KeyboardInterrupt:  # Ctrl-C outside the steps (set-up, compiling): one line
+    print("lima_jax: interrupted; rerun the same command to start or resume", file=sys.stderr,
+          flush=True)
     sys.exit(130)  # the shell's status for SIGINT
 
 

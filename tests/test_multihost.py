@@ -74,6 +74,10 @@ def test_two_processes_end_with_the_params_of_one(tmp_path):
     with open(os.path.join(run, "metrics.jsonl")) as f:
       losses[run] = [json.loads(line)["loss"] for line in f]
   assert len(losses[multi]) == 9  # process 0 alone writes metrics
+  with open(os.path.join(multi, "run.lock"), encoding="utf-8") as f:
+    # One lock per run, taken by process 0: had each process locked, process 1 would have been
+    # refused the workdir process 0 holds.
+    assert json.load(f)["pid"] == workers[0].pid
   # Cross-process all-reduces (gloo) sum in another order than in-process ones: equal up to
   # float rounding, far below what one misplaced row of data would change.
   np.testing.assert_allclose(losses[multi], losses[single], rtol=1e-5)

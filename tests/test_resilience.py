@@ -3,7 +3,9 @@
 import json
 import os
 import random
+import re
 import signal
+import socket
 import subprocess
 import time
 
@@ -77,6 +79,9 @@ def test_sigkill_at_random_moments_then_rerun_matches_uninterrupted(reference, t
   _, err = finish.communicate(timeout=300)
   assert finish.returncode == 0, err[-2000:]
   assert_same_params(reference, final_params(cli_config(), workdir))
+  # Steps logged after the checkpoint a rerun resumed from are logged once, by the rerun.
+  metrics = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  assert [r["step"] for r in metrics] == list(range(1, 19))
 
 
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly(reference, tmp_path):
@@ -153,3 +158,68 @@ def test_leftovers_of_a_killed_write_are_gone_once_checkpoints_open(tmp_path):
   assert not leftover.exists()
   assert ckpts.all_steps() == []
   ckpts.close()
+
+
+def test_a_second_ctrl_c_stops_at_once_in_one_line_and_the_rerun_resumes(reference, tmp_path):
+  """Before, a second Ctrl-C raised KeyboardInterrupt wherever the run was: a page of traceback
+  (Orbax's writer thread included), and the rerun logged again the steps after the checkpoint
+  it resumed from."""
+  workdir = str(tmp_path)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  proc = train_cli(*FLAGS, f"--workdir={workdir}", stdout=subprocess.PIPE,
+                   stderr=subprocess.PIPE, text=True)
+  proc.stdout.readline()
+  while proc.poll() is None and len(read_jsonl(metrics)) < 3:
+    time.sleep(0.01)
+  # Ctrl-C until it ends: the first stops after the step in flight, a later one at once (two
+  # signals that land while one XLA call runs count once, so keep pressing).
+  while proc.poll() is None:
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.1)
+  out, err = proc.communicate(timeout=60)
+  assert proc.returncode == 130, out[-2000:] + err[-2000:]
+  assert "Traceback" not in err
+  assert re.fullmatch(r"lima_jax: interrupted at once by a second Ctrl-C; (the newest checkpoint "
+                      r"is step \d+ in \S+: rerun the same command to resume from it|no checkpoint"
+                      r" in \S+ yet: rerun the same command to start afresh)",
+                      err.strip().splitlines()[-1]), err[-2000:]
+  train.run(cli_config(), workdir)
+  assert [r["step"] for r in read_jsonl(metrics)] == list(range(1, 19))
+  assert_same_params(reference, final_params(cli_config(), workdir))
+
+
+def read_jsonl(path):
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.endswith("\n")]
+
+
+def test_a_second_run_on_a_workdir_in_use_is_refused_and_a_killed_run_never_blocks(tmp_path):
+  """Before, both runs trained: both wrote checkpoints and every metrics row appeared twice."""
+  workdir = str(tmp_path)
+  long_run = [*FLAGS, "--config.train.epochs=200", f"--workdir={workdir}"]
+  first = train_cli(*long_run, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  try:
+    first.stdout.readline()
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    while first.poll() is None and not any(n.isdigit() for n in os.listdir(ckpt_dir)):
+      time.sleep(0.05)
+    second = train_cli(*long_run, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = second.communicate(timeout=300)
+    assert first.poll() is None, "the first run ended before the second one tried"
+  finally:
+    first.send_signal(signal.SIGKILL)  # its lock goes with it
+    first.wait()
+  assert second.returncode == 2, err[-2000:]
+  assert "Traceback" not in err and "params" not in out  # refused before training
+  assert re.fullmatch(
+      rf"error: --workdir: {re.escape(workdir)} is in use by another run \(host "
+      rf"{re.escape(socket.gethostname())}, pid {first.pid}, since "
+      r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[+-]\d\d:\d\d\); wait for it to end or stop it, or train "
+      r"in another --workdir", err.strip().splitlines()[-1]), err[-2000:]
+  newest = max(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
+  cfg = cli_config()
+  cfg.train.epochs, cfg.train.stop_after_steps = 200, newest + 1
+  assert train.run(cfg, workdir)["step"] == newest + 1  # resumed, though the file is still there
+  assert os.path.exists(os.path.join(workdir, "run.lock"))
