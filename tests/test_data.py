@@ -164,6 +164,10 @@ _GOOD = {"conversations": ["Hi?", "Hello."]}
     ('{"conversations": ["a", 3]}', r"conversations\[1\] must be a string"),
     ('{"conversations": ["a", "  \\n "]}', r"conversations\[1\] is empty"),
     ('{"conversations": ["a", "b"], "source": 3}', "`source` must be a string"),
+    # Valid JSON that Python decodes, but with no UTF-8 form: TFDS failed on it mid-build.
+    ('{"conversations": ["a", "b \\ud83d c"]}',
+     r"conversations\[1\] holds a lone surrogate \\ud83d at character 3"),
+    ('{"conversations": ["a", "b"], "source": "\\udc00"}', r"`source` holds a lone surrogate"),
 ])
 def test_bad_lines_name_file_and_line(tmp_path, line, what):
   path = _write(tmp_path / "bad.jsonl", [_GOOD, "", line, _GOOD])
