@@ -32,6 +32,7 @@ def jsonl(tmp_path, name, lines):
 
 GOOD = json.dumps({"conversations": ["Hi?", "Hello."], "source": "t"})
 # json.dumps writes a lone surrogate as the escape \ud83d: valid JSON, but with no UTF-8 form.
+LONG_PROMPT = json.dumps({"conversations": ["Tell me more. " * 40, "No."]})
 SURROGATE_TURN = json.dumps({"conversations": ["Hi \ud83d", "Hello."]})
 SURROGATE_SOURCE = json.dumps({"conversations": ["Hi?", "Hello."], "source": "\udc00"})
 CASES = {
@@ -90,6 +91,11 @@ CASES = {
         lambda t: [f"--config.data.train_path={jsonl(t, 'h.jsonl', [json.dumps({'conversations': ['q', 'a'], 'source': 3})])}"],
         "h.jsonl:1"),
     "unexpected positional argument": (lambda t: ["train.jsonl"], "train.jsonl"),
+    # Well-formed records whose prompts alone fill max_length (64 in TINY): the limit is the
+    # culprit, not the format (the message blamed the format before).
+    "every dev record trimmed away": (
+        lambda t: [f"--config.data.dev_path={jsonl(t, 'l.jsonl', [LONG_PROMPT, LONG_PROMPT])}"],
+        "data.max_length: 64 tokens leave no trained token in any record of data.dev_path"),
     "lone surrogate in a turn": (
         lambda t: [f"--config.data.train_path={jsonl(t, 'i.jsonl', [GOOD, SURROGATE_TURN])}"],
         "i.jsonl:2: conversations[0] holds a lone surrogate"),

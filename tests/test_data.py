@@ -236,6 +236,16 @@ def test_records_trimmed_to_no_assistant_token_are_skipped(tmp_path, tok, caplog
              for r in caplog.records)
 
 
+def test_every_record_trimmed_away_blames_max_length(tmp_path, tok):
+  long_prompt = {"conversations": ["Explain recursion in one sentence. " * 5, "No."]}
+  path = _write(tmp_path / "dev.jsonl", [long_prompt, long_prompt, {"conversations": ["Alone?"]}])
+  with pytest.raises(LimaError, match=r"^data\.max_length: 8 tokens leave no trained token in "
+                     r"any record of data\.dev_path .*dev\.jsonl \(2 trimmed away, 1 without an "
+                     r"assistant turn\)"):
+    data.load_examples(path, tok, max_length=8, train_on_prompt=False,
+                       data_dir=str(tmp_path / "tfds"), what="data.dev_path")
+
+
 def test_no_usable_example(tmp_path, tok):
   path = _write(tmp_path / "train.jsonl", [{"conversations": ["Alone?"]}])
   with pytest.raises(LimaError, match=r"data\.train_path: .*train\.jsonl.*no usable") as e:
