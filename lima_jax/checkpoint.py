@@ -99,6 +99,12 @@ class Checkpoints:
     restored = self._manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
     return restored[META]
 
+  def state_metadata(self, step: int):
+    """The state's tree of Orbax array metadata (shape, dtype, sharding) at `step`, nothing
+    restored. Read through the manager: a bare Checkpointer pointed at `<step>/state` looks for
+    the step's _CHECKPOINT_METADATA file inside it and warns "Metadata file does not exist"."""
+    return self._manager.item_metadata(step)[STATE].tree
+
   def restore(self, step: int, abstract_state):
     """Restores onto the shardings given by `abstract_state` (ShapeDtypeStructs)."""
     restored = self._manager.restore(step, args=ocp.args.Composite(

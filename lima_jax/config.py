@@ -112,7 +112,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.generate = ml_collections.ConfigDict()  # the paper's decoding
   c.generate.temperature = 0.7
   c.generate.top_p = 0.9
-  c.generate.repetition_penalty = 1.2  # CTRL-style, over the prompt and the generation
+  c.generate.repetition_penalty = 1.2  # CTRL-style, over the tokens generated so far
+  # Also penalise the prompt's tokens (transformers' reading); the paper penalises "previously
+  # generated tokens" only, and on an instruct model the prompt penalty pushes answers off topic.
+  c.generate.penalize_prompt = False
   c.generate.max_tokens = 2048  # new tokens at most; prompt + answer also stay within max_length
   c.generate.greedy = False
   c.generate.seed = 0

@@ -1,5 +1,6 @@
 """`python -m lima_jax.generate`: answers to a prompts file from a run's params, decoded as in
-the paper (nucleus 0.9, temperature 0.7, repetition penalty 1.2, stop at EOT).
+the paper (nucleus 0.9, temperature 0.7, repetition penalty 1.2 on the generated tokens, stop
+at EOT).
 
   python -m lima_jax.generate --workdir=workdir/toy --epoch=5 \
       --prompts=lima_jax/sample_data/dev.jsonl --out=answers.jsonl
@@ -9,6 +10,7 @@ checkpoint; the decoding defaults are the run's `generate.*` config. Also here: 
 generations a training run writes at the end of each epoch of `eval.generate_epochs`.
 """
 
+import argparse
 import time
 
 import jax
@@ -18,7 +20,7 @@ import tqdm
 from absl import logging
 
 from lima_jax import config, run_files, sharding
-from lima_jax.cli import ArgumentParser, fail, quiet_logs
+from lima_jax.cli import ArgumentParser, fail, quiet_logs, summary
 from lima_jax.data import ChatTokenizer, prepared_dir
 from lima_jax.decoding import Decoding, Generator
 from lima_jax.errors import LimaError
@@ -100,21 +102,40 @@ def restore_kept(kept: run_files.Kept, source):
   return trainer, source.restore(trainer.abstract_state["params"])
 
 
-_DECODING_FLAGS = {"temperature": float, "top_p": float, "repetition_penalty": float,
-                   "max_tokens": int, "seed": int, "batch_size": int}
+# Each flag's type and meaning; its default is the run's generate.<flag>.
+_DECODING_FLAGS = {
+    "temperature": (float, "sampling temperature (the paper: 0.7)"),
+    "top_p": (float, "nucleus sampling: draw from the likeliest tokens whose probabilities "
+                     "first reach this mass (the paper: 0.9)"),
+    "repetition_penalty": (float, "CTRL's penalty on tokens already generated: their positive "
+                                  "logits are divided by it, negative ones multiplied "
+                                  "(the paper: 1.2; 1.0 = none)"),
+    "max_tokens": (int, "new tokens per answer at most; prompt and answer also stay within the "
+                        "run's data.max_length"),
+    "seed": (int, "sampling seed; each prompt draws from its own key, so its answer does not "
+                  "depend on --batch_size"),
+    "batch_size": (int, "prompts decoded at once, rounded up to the mesh's batch shards"),
+    "penalize_prompt": (bool, "apply the repetition penalty to the prompt's tokens as well, as "
+                              "transformers does (the paper penalises previously generated "
+                              "tokens only)"),
+}
 
 
 def _parser() -> ArgumentParser:
-  parser = ArgumentParser(prog="python -m lima_jax.generate", description=__doc__.split("\n")[0])
+  parser = ArgumentParser(prog="python -m lima_jax.generate", description=summary(__doc__))
   parser.add_argument("--workdir", required=True, help="the training run's directory")
   which = parser.add_mutually_exclusive_group()
   which.add_argument("--epoch", type=int, help="params kept at the end of this epoch")
   which.add_argument("--step", type=int, help="the checkpoint of this step")
   parser.add_argument("--prompts", required=True, help="JSONL in the GAIR/lima format")
   parser.add_argument("--out", required=True, help="JSONL: prompt, generation, source per line")
-  for name, kind in _DECODING_FLAGS.items():
-    parser.add_argument(f"--{name}", type=kind, help="default: the run's generate.{name}")
-  parser.add_argument("--greedy", action="store_true", help="arg max instead of sampling")
+  for name, (kind, meaning) in _DECODING_FLAGS.items():
+    kwargs = (dict(action=argparse.BooleanOptionalAction) if kind is bool else
+              dict(type=kind, metavar=kind.__name__.upper()))
+    parser.add_argument(f"--{name}", help=f"{meaning}. Default: the run's generate.{name}",
+                        **kwargs)
+  parser.add_argument("--greedy", action="store_true",
+                      help="arg max (after the repetition penalty) instead of sampling")
   return parser
 
 

@@ -253,9 +253,9 @@ def main(argv) -> None:
   quiet_logs()
   # The plan compiles for fake CPU devices even on a TPU host.
   jax.config.update("jax_platforms", "cpu")
+  cfg = train.load_config()  # first: --show_config needs no topology
   if not _TOPOLOGY.value:
     fail("--topology: required, e.g. --topology=v5p-32 (v4-N, v5e-N, v5p-N, v6e-N, cpu:N)")
-  cfg = train.load_config()
   name = config_flags.get_config_filename(flags.FLAGS["config"])
   try:
     topo = topology.parse(_TOPOLOGY.value)

@@ -90,6 +90,7 @@ class OrbaxParams:
       self._tokenizer = os.path.join(path, TOKENIZER)
     else:
       self._tokenizer = saved.get("config", {}).get("data", {}).get("tokenizer_path")
+    self._ckpt_dir = ckpt_dir
     self._state_dir = os.path.join(ckpt_dir, str(step), "state")
     self._shapes = None
 
@@ -112,7 +113,11 @@ class OrbaxParams:
   def host(self, name: str) -> np.ndarray:
     """One param (dotted name) as a host array, restored alone to bound host memory."""
     if self._shapes is None:
-      self._shapes = ocp.PyTreeCheckpointer().metadata(self._state_dir).item_metadata.tree
+      ckpts = Checkpoints(self._ckpt_dir, async_save=False)
+      try:
+        self._shapes = ckpts.state_metadata(self.step)
+      finally:
+        ckpts.close()
     tree = self._shapes["params"]
     keys = name.split(".")
     for key in keys:
