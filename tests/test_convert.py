@@ -216,8 +216,8 @@ def test_init_from_our_dir_loads_the_converted_params(tmp_path):
   mesh = sharding.make_mesh(2, 2, 2)
   model_cfg = train.model_config(cfg.model, PIECES + 1)
   trainer = Trainer(model_cfg, optax.adamw(1e-3), optax.constant_schedule(1e-3), mesh, 0)
-  sha = pretrained.tokenizer_info(TOKENIZER)[1]
-  state = pretrained.init_state(trainer, str(tmp_path / "ours"), sha)
+  tokenizer = pretrained.run_tokenizer(str(tmp_path / "ours"), "")
+  state = pretrained.init_state(trainer, str(tmp_path / "ours"), tokenizer.meta())
   _, expected = our_logits(tmp_path / "ours", tokens_batch())
   for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(expected)):
     assert np.array_equal(np.asarray(a), np.asarray(b))
