@@ -110,9 +110,10 @@ class ChatTokenizer:
     return self._encode_lima(turns, False)[0]
 
   def decode(self, ids) -> str:
-    """Text of the tokenizer's own tokens; EOT and ids past its tokens (padding) are dropped."""
+    """Text of the tokenizer's own tokens; BOS, EOT and ids past its tokens (padding) are
+    dropped."""
     ids = np.asarray(ids, np.int64).reshape(-1)
-    kept = ids[(ids >= 0) & (ids < self.token_count) & (ids != self.eot_id)]
+    kept = ids[(ids >= 0) & (ids < self.token_count) & (ids != self.eot_id) & (ids != self.bos_id)]
     return self.backend.decode(kept.tolist())
 
   def token_text(self, token: int) -> str:

@@ -95,7 +95,7 @@ class SentencePiece:
         # Byte offsets of the pieces -> character offsets into `text`.
         char_of_byte = np.repeat(np.arange(len(part)), [len(c.encode()) for c in part])
         char_of_byte = np.append(char_of_byte, len(part))
-        for p in self._sp.encode(part, out_type="immutable_proto").pieces:
+        for p in self._sp.encode(part, return_type="proto").pieces:
           ids.append(p.id)
           starts.append(at + int(char_of_byte[min(p.begin, len(char_of_byte) - 1)]))
       at += len(part)
