@@ -237,3 +237,149 @@ def test_exported_tokenizer_reproduces_training_ids(sources, tmp_path, case):
     checked += len(turns) > 2
   assert checked >= 5  # multi-turn conversations were among them
   assert hf_tok.convert_tokens_to_ids(tok.eot_text) == tok.eot_id
+
+
+# Through the converters and train.run.
+
+def _messages(turns):
+  return [{"role": "assistant" if i % 2 else "user", "content": t} for i, t in enumerate(turns)]
+
+
+def _chat_ids(hf_dir, turns):
+  tok = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
+  return tok.apply_chat_template(_messages(turns), tokenize=True, return_dict=True)["input_ids"]
+
+
+def test_pad_row_stays_a_pad_row(sources, tmp_path):
+  """An HF LLaMA with an added <pad> (vocabulary 1,001): EOT becomes row 1,001, the pad row is
+  kept. Counting rows (the old rule) made the pad row EOT: vocabulary 1,001, EOT id 1,000."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from helpers import random_hf_llama  # pylint: disable=import-outside-toplevel
+  from lima_jax import convert  # pylint: disable=import-outside-toplevel
+  from lima_jax.weights import pretrained  # pylint: disable=import-outside-toplevel
+  hf_dir = tmp_path / "hf"
+  model = random_hf_llama(hf_dir, vocab=1000)
+  model.resize_token_embeddings(1001, mean_resizing=False)
+  with torch.no_grad():
+    model.get_input_embeddings().weight[1000] = 0.0
+  model.save_pretrained(hf_dir)
+  for name in ("tokenizer.json", "tokenizer_config.json"):  # saved by transformers, with <pad>
+    shutil.copyfile(os.path.join(sources["metaspace"], name), hf_dir / name)
+  assert convert.main(["hf-to-orbax", str(hf_dir), str(tmp_path / "ours")]) == 0
+  ours = pretrained.OrbaxParams(str(tmp_path / "ours"))
+  assert ours.fields["vocab_size"] == 1002 and ours.eot_id == 1001
+  embed = ours.host("embed")
+  source = model.get_input_embeddings().weight.detach().numpy()
+  np.testing.assert_array_equal(embed[:1001], source)  # the pad row among them, unchanged
+  np.testing.assert_allclose(embed[1001], source.mean(0), rtol=1e-6, atol=1e-7)
+  # The import carries the tokenizer's files; init_from finds them, with the recorded EOT.
+  assert sorted(n for n in os.listdir(tmp_path / "ours") if n.startswith("tokenizer")) == [
+      "tokenizer.json", "tokenizer_config.json"]
+  tok = ours.tokenizer()
+  assert (tok.kind, tok.eot_id, tok.vocab_size) == ("tokenizer.json", 1001, 1002)
+  assert tok.sha256 == data.load_tokenizer(str(hf_dir)).sha256
+
+
+def test_meta_llama3_tiktoken_import_and_export(sources, tmp_path):
+  """meta-to-orbax of a LLaMA-3-layout checkpoint with tiktoken ranks and --eot-token
+  <|eot_id|> (no new row); orbax-to-hf writes a tokenizer.json that gives training's ids."""
+  from helpers import random_hf_llama  # pylint: disable=import-outside-toplevel
+  from lima_jax import convert  # pylint: disable=import-outside-toplevel
+  from lima_jax.weights import pretrained  # pylint: disable=import-outside-toplevel
+  from test_convert import to_meta  # pylint: disable=import-outside-toplevel
+  model = random_hf_llama(tmp_path / "hf", vocab=556, kv=2)
+  to_meta(model, tmp_path / "meta")
+  shutil.copyfile(sources["tiktoken"], tmp_path / "meta" / "tokenizer.model")
+  assert convert.main(["meta-to-orbax", str(tmp_path / "meta"), str(tmp_path / "ours"),
+                       "--eot-token", "<|eot_id|>"]) == 0
+  tok = pretrained.OrbaxParams(str(tmp_path / "ours")).tokenizer()
+  assert (tok.kind, tok.vocab_size, tok.eot_id, tok.bos_id) == ("tiktoken", 556, 309, 300)
+  assert convert.main(["orbax-to-hf", str(tmp_path / "ours"), str(tmp_path / "out")]) == 0
+  for turns in conversations()[:12]:
+    assert _chat_ids(tmp_path / "out", turns) == tok.encode_conversation(turns, 1 << 20,
+                                                                         False)[0].tolist()
+  generation = transformers.GenerationConfig.from_pretrained(str(tmp_path / "out"))
+  assert (generation.eos_token_id, generation.bos_token_id) == (309, 300)
+
+
+def _reference_loss(model, examples) -> float:
+  """transformers' mean cross entropy over the masked targets of all `examples`."""
+  import torch  # pylint: disable=import-outside-toplevel
+  torch.set_num_threads(1)  # JAX's threads share the cores
+  total = count = 0.0
+  with torch.no_grad():
+    for ids, mask in examples:
+      logits = model(torch.tensor([ids])).logits[0, :-1].double()
+      ce = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none")
+      total += float((ce * torch.tensor(mask[1:], dtype=torch.float64)).sum())
+      count += float(np.sum(mask[1:]))
+  return total / count
+
+
+@pytest.mark.parametrize("chat_format", ["lima", "template"])
+def test_first_step_loss_matches_transformers(sources, tmp_path, chat_format):
+  """Training from an HF dir holding only a byte-level BPE tokenizer.json (init_from, no
+  data.tokenizer_path): the first step's loss equals transformers' on ids built here from the
+  tokenizer itself (lima: each turn + a new EOT row, the mean of the source rows; template:
+  apply_chat_template and its assistant mask, EOT <|im_end|>). Then the export's
+  apply_chat_template gives those ids and its generation stops on EOT. A zero or random EOT row,
+  or a misplaced mask, moves the loss far beyond 2e-4."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
+  from helpers import random_hf_llama  # pylint: disable=import-outside-toplevel
+  from lima_jax import convert, train  # pylint: disable=import-outside-toplevel
+  hf_dir = tmp_path / "hf"
+  shutil.copytree(sources["bpe"], hf_dir)
+  ref_tok = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+  count = ref_tok.get_vocab_size(with_added_tokens=True)
+  model = random_hf_llama(hf_dir, vocab=count, kv=2)
+  hf_chat = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
+  # The three shortest multi-turn conversations and the three shortest others.
+  by_length = sorted(conversations(), key=lambda c: len("".join(c)))
+  examples, chosen = [], []
+  for turns in [c for c in by_length if len(c) > 2][:3] + [c for c in by_length if len(c) == 2][:3]:
+    if chat_format == "lima":
+      ids = [i for t in turns for i in ref_tok.encode(t, add_special_tokens=False).ids + [count]]
+      mask = [float(k % 2) for k, t in enumerate(turns)
+              for _ in range(len(ref_tok.encode(t, add_special_tokens=False).ids) + 1)]
+    else:
+      out = hf_chat.apply_chat_template(_messages(turns), tokenize=True, return_dict=True,
+                                        return_assistant_tokens_mask=True)
+      ids, mask = out["input_ids"], [float(m) for m in out["assistant_masks"]]
+    if len(ids) <= 768 and len(chosen) < 6:
+      examples.append((ids, mask))
+      chosen.append(turns)
+  assert len(chosen) == 6 and sum(len(t) > 2 for t in chosen) == 3
+  train_path = tmp_path / "train.jsonl"
+  train_path.write_text("".join(json.dumps({"conversations": t, "source": "s"}) + "\n"
+                                for t in chosen))
+
+  cfg = config.from_file(train.DEFAULT_CONFIG)
+  cfg.init_from, cfg.data.tokenizer_path = str(hf_dir), ""
+  cfg.data.train_path, cfg.data.dev_path, cfg.data.max_length = str(train_path), "", 768
+  cfg.data.chat_format = chat_format
+  cfg.data.eot_token = "<|im_end|>" if chat_format == "template" else ""
+  cfg.train.batch_size, cfg.train.epochs, cfg.train.stop_after_steps = len(chosen), 1, 1
+  cfg.mesh.cpu_devices, cfg.checkpoint.async_save, cfg.eval.generate_epochs = 0, False, ()
+  dims = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, rope_theta=10_000.0,
+              norm_eps=1e-5, residual_dropout_top=0.0, compute_dtype="float32")
+  for key, value in dims.items():
+    cfg.model[key] = value
+  workdir = tmp_path / "run"
+  train.run(cfg, str(workdir))
+  with open(workdir / "metrics.jsonl", encoding="utf-8") as f:
+    first = json.loads(f.readline())["loss"]
+
+  if chat_format == "lima":  # LIMA's EOT: a new row, the mean of the source rows
+    model.resize_token_embeddings(count + 1, mean_resizing=False)
+    with torch.no_grad():
+      for table in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+        table[count] = table[:count].mean(0)
+  assert first == pytest.approx(_reference_loss(model, examples), abs=2e-4)
+
+  out = tmp_path / "export"
+  assert convert.main(["orbax-to-hf", str(workdir), str(out)]) == 0
+  for turns, (ids, _) in zip(chosen, examples):
+    assert _chat_ids(out, turns) == ids
+  eot = count if chat_format == "lima" else 2
+  assert transformers.GenerationConfig.from_pretrained(str(out)).eos_token_id == eot
