@@ -6,7 +6,8 @@
 
 Imports add LIMA's EOT token (a new row after the weights' rows, the mean of the others; or
 --eot-token names an existing one), pad the vocabulary for the TPU and copy the tokenizer's
-files next to the weights; train from the result with `--config.init_from=OUT_DIR`. CKPT_DIR is such an import or a training workdir (its latest
+files next to the weights; train from the result with `--config.init_from=OUT_DIR`. CKPT_DIR
+is such an import or a training workdir (its latest
 checkpoint, or --step). Every conversion reports the peak host memory it used.
 """
 

@@ -50,7 +50,8 @@ def _write_json(path, obj):
 
 def build_bpe_dir(path):
   """A byte-level BPE tokenizer.json (as SmolLM2's) with a ChatML template and no BOS."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()

@@ -8,8 +8,8 @@
                   reference tokenizer (meta-llama/llama3, llama/tokenizer.py) defines them
 
 Each backend gives: `token_count` (ids it defines, added tokens included), `bos_id` (or None),
-`token_id(text)`, `token_text(id)`, `encode(text)` (one utterance), `encode_with_offsets(text)` (rendered chat
-text, special tokens recognised) and `decode(ids)`.
+`token_id(text)`, `token_text(id)`, `encode(text)` (one utterance), `encode_with_offsets(text)`
+(rendered chat text, special tokens recognised) and `decode(ids)`.
 """
 
 import hashlib
@@ -70,7 +70,8 @@ class SentencePiece:
         re.escape(s) for s in sorted(specials, key=len, reverse=True)) + ")") if specials else None
 
   def token_text(self, token: int) -> str:
-    return next((t for t, i in self.added.items() if i == token), None) or self._sp.id_to_piece(token)
+    named = [t for t, i in self.added.items() if i == token]
+    return named[0] if named else self._sp.id_to_piece(token)
 
   def token_id(self, text: str) -> int | None:
     if text in self.added:

@@ -117,7 +117,8 @@ def _prefix_every_segment(node) -> None:
 
 def _from_tiktoken(tok: ChatTokenizer):
   try:
-    from transformers.convert_slow_tokenizer import TikTokenConverter  # pylint: disable=import-outside-toplevel
+    # pylint: disable-next=import-outside-toplevel
+    from transformers.convert_slow_tokenizer import TikTokenConverter
   except ImportError:
     raise LimaError("exporting a tiktoken tokenizer needs transformers: "
                     "pip install 'lima_jax[convert]'") from None

@@ -111,11 +111,8 @@ class OrbaxParams:
     path = path or self.tokenizer_path
     if not path or not epath.Path(path).exists():
       return None
-    recorded = self._recorded
-    if not eot_token and not recorded.get("adds_eot") and recorded.get("eot_token"):
-      eot_token = recorded["eot_token"]  # a token of the tokenizer, found again by name
     tokenizer = data.load_tokenizer(
-        path, eot_token=eot_token or "", chat_format=chat_format or recorded["chat_format"],
+        path, eot_token=eot_token or "", chat_format=chat_format or self._recorded["chat_format"],
         source_rows=self.fields["vocab_size"], source_eot_id=None if eot_token else self.eot_id,
         what="init_from" if path == self.tokenizer_path else "data.tokenizer_path")
     if self.tokenizer_sha256 and tokenizer.sha256 != self.tokenizer_sha256:
