@@ -16,6 +16,7 @@ from lima_jax.errors import LimaError
 REMAT_POLICIES = ("none", "full", "save_dots")
 ATTENTION_KERNELS = ("auto", "xla", "splash", "cudnn")
 DTYPES = ("float32", "bfloat16")
+CHAT_FORMATS = ("lima", "template")  # lima_jax.data.FORMATS
 
 
 def sample_data(name: str) -> str:
@@ -42,7 +43,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.train_path = ""
   c.data.dev_path = ""
-  c.data.tokenizer_path = ""
+  c.data.tokenizer_path = ""  # a tokenizer file or model dir; "" = the one init_from carries
+  c.data.eot_token = ""  # an existing special token as EOT (e.g. <|eot_id|>); "" = a new token
+  c.data.chat_format = "lima"  # lima (BOS, each utterance + EOT) or template (the model's own)
   c.data.max_length = 2048  # LIMA trims texts to 2048 tokens
   c.data.train_on_prompt = False  # loss on assistant tokens (+ their EOT) only
   c.data.rows_per_step = 0  # packed rows per step; 0 = the fewest that fit every step of the run
@@ -131,8 +134,11 @@ def _require(ok: bool, key: str, message: str) -> None:
 def validate(c: ml_collections.ConfigDict) -> None:
   """Value checks the type system cannot do; each error names its key."""
   _require(c.seed >= 0, "seed", f"must be >= 0, got {c.seed}")
-  for key in ("train_path", "tokenizer_path"):
-    _require(bool(c.data[key]), f"data.{key}", "is empty; set it to a file path")
+  _require(bool(c.data.train_path), "data.train_path", "is empty; set it to a file path")
+  _require(bool(c.data.tokenizer_path or c.init_from), "data.tokenizer_path",
+           "is empty; set it to a tokenizer file or directory (or set init_from)")
+  _require(c.data.chat_format in CHAT_FORMATS, "data.chat_format",
+           f"must be one of {CHAT_FORMATS}, got {c.data.chat_format!r}")
   _require(c.data.max_length >= 2, "data.max_length", f"must be at least 2, got {c.data.max_length}")
   _require(c.data.rows_per_step >= 0, "data.rows_per_step", "must be >= 0 (0 = automatic)")
   _require(c.train.batch_size > 0, "train.batch_size", f"must be positive, got {c.train.batch_size}")

@@ -4,9 +4,10 @@
   python -m lima_jax.convert meta-to-orbax META_DIR OUT_DIR   # params.json + consolidated.*.pth
   python -m lima_jax.convert orbax-to-hf   CKPT_DIR OUT_DIR   # for transformers / vLLM
 
-Imports add LIMA's EOT token (vocabulary + 1, its rows the mean of the others), pad the
-vocabulary for the TPU and copy the tokenizer next to the weights; train from the result with
-`--config.init_from=OUT_DIR`. CKPT_DIR is such an import or a training workdir (its latest
+Imports add LIMA's EOT token (a new row after the weights' rows, the mean of the others; or
+--eot-token names an existing one), pad the vocabulary for the TPU and copy the tokenizer's
+files next to the weights; train from the result with `--config.init_from=OUT_DIR`. CKPT_DIR
+is such an import or a training workdir (its latest
 checkpoint, or --step). Every conversion reports the peak host memory it used.
 """
 
@@ -19,7 +20,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from lima_jax import sharding
+from lima_jax import data, sharding
 from lima_jax.cli import quiet_logs
 from lima_jax.errors import LimaError
 from lima_jax.model import LlamaConfig
@@ -32,21 +33,24 @@ def peak_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def import_model(source, out_dir: str, *, tokenizer: str | None = None,
+def import_model(source, out_dir: str, *, tokenizer: str | None = None, eot_token: str = "",
                  param_dtype: str = "float32", mesh=None) -> dict:
-  """Streams `source` (an HfSource or MetaSource) onto the mesh and saves our params dir.
+  """Streams `source` (an HfSource or MetaSource) onto the mesh and saves our params dir, with
+  the tokenizer's files (`tokenizer`: a file or directory; default: the source's own).
 
   Returns the model fields written."""
-  tokenizer = tokenizer or source.tokenizer()
-  if tokenizer is None:
-    raise LimaError(f"{source.path}: no tokenizer.model; pass --tokenizer=PATH")
-  pieces, _ = pretrained.tokenizer_info(tokenizer)
-  vocab, add_eot = pretrained.vocab_plan(source.fields["vocab_size"], pieces, source.path)
+  path = tokenizer or source.tokenizer()
+  if path is None:
+    raise LimaError(f"{source.path}: holds no tokenizer.json or tokenizer.model; "
+                    "pass --tokenizer=PATH")
+  rows = source.fields["vocab_size"]
+  chat = data.load_tokenizer(path, eot_token=eot_token, source_rows=rows, what="--tokenizer")
+  vocab, add_eot = pretrained.vocab_plan(rows, chat, source.path)
   fields = dict(source.fields, vocab_size=vocab)
   model_cfg = LlamaConfig(**fields, param_dtype=param_dtype)
   mesh = mesh or sharding.make_mesh(1, -1, 1)
   params = layout.place(source, pretrained.abstract_params(model_cfg, mesh), add_eot)
-  pretrained.save(out_dir, params, fields, tokenizer_path=tokenizer, extras=source.extras,
+  pretrained.save(out_dir, params, fields, tokenizer=chat, extras=source.extras,
                   source=source.path)
   return fields
 
@@ -57,15 +61,11 @@ def export_hf(ckpt_dir: str, out_dir: str, *, step: int | None = None,
   params = pretrained.OrbaxParams(ckpt_dir, step)
   tokenizer = params.tokenizer()
   if tokenizer is None:
-    raise LimaError(f"{ckpt_dir}: its tokenizer file is missing")
-  pieces, _ = pretrained.tokenizer_info(tokenizer)
-  if params.fields["vocab_size"] != pieces + 1:
-    raise LimaError(f"{ckpt_dir}: vocabulary {params.fields['vocab_size']} is not the "
-                    f"tokenizer's {pieces} pieces + EOT")
+    raise LimaError(f"{ckpt_dir}: its tokenizer ({params.tokenizer_path}) is missing")
   if dtype is None:  # keep the stored precision, so a round trip is exact
     dtype = str(params.host("final_norm.scale").dtype)
-  return hf.write_dir(out_dir, params.fields, params.host, tokenizer_path=tokenizer,
-                      eot_id=pieces, extras=params.extras, dtype=_DTYPES[dtype],
+  return hf.write_dir(out_dir, params.fields, params.host, tokenizer=tokenizer,
+                      extras=params.extras, dtype=_DTYPES[dtype],
                       shard_bytes=int(shard_gb * (1 << 30)))
 
 
@@ -77,7 +77,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = commands.add_parser(name, help=f"{what} -> our params checkpoint")
     sub.add_argument("source", metavar=what)
     sub.add_argument("out", metavar="OUT_DIR")
-    sub.add_argument("--tokenizer", help="sentencepiece model (default: SOURCE/tokenizer.model)")
+    sub.add_argument("--tokenizer", help="tokenizer.json, tokenizer.model (sentencepiece or "
+                     "LLaMA-3 tiktoken) or a directory holding one (default: SOURCE's own)")
+    sub.add_argument("--eot-token", default="", help="an existing special token to use as EOT "
+                     "(e.g. '<|eot_id|>'); default: a new token after the vocabulary")
     sub.add_argument("--dtype", choices=sorted(_DTYPES), default="float32",
                      help="dtype of the saved params (training keeps fp32 params)")
   sub = commands.add_parser("orbax-to-hf", help="our checkpoint -> HF_DIR")
@@ -101,7 +104,7 @@ def main(argv=None) -> int:
     else:
       opener = hf.HfSource if args.command == "hf-to-orbax" else meta.MetaSource
       fields = import_model(opener(args.source), args.out, tokenizer=args.tokenizer,
-                            param_dtype=args.dtype)
+                            eot_token=args.eot_token, param_dtype=args.dtype)
       what = (f"{fields['n_layers']} layers, d_model {fields['d_model']}, vocabulary "
               f"{fields['vocab_size']} with EOT, on {jax.device_count()} device(s)")
   except LimaError as e:

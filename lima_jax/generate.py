@@ -85,11 +85,11 @@ def open_kept(kept: run_files.Kept):
   """(the params' Orbax source, their tokenizer): cheap, nothing restored yet."""
   from lima_jax.weights import pretrained  # pylint: disable=import-outside-toplevel
   source = pretrained.OrbaxParams(kept.directory, kept.number)
-  tokenizer_path = source.tokenizer()
-  if tokenizer_path is None:
+  tokenizer = source.tokenizer()
+  if tokenizer is None:
     raise LimaError(f"{kept.directory}: the tokenizer of checkpoint {kept.number} is missing "
-                    f"({kept.meta.get('config', {}).get('data', {}).get('tokenizer_path')})")
-  return source, ChatTokenizer(tokenizer_path)
+                    f"({source.tokenizer_path})")
+  return source, tokenizer
 
 
 def restore_kept(kept: run_files.Kept, source):

@@ -54,7 +54,9 @@ def plan_run(cfg, topo: topology.Topology, *, num_examples: int | None = None,
   _validate(cfg)
   devices = _fake_devices(topo.devices)
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
-  tokenizer = data.ChatTokenizer(cfg.data.tokenizer_path) if cfg.data.tokenizer_path else None
+  tokenizer = data.load_tokenizer(
+      cfg.data.tokenizer_path, eot_token=cfg.data.eot_token,
+      chat_format=cfg.data.chat_format) if cfg.data.tokenizer_path else None
   vocab = vocab_size or (tokenizer.vocab_size if tokenizer else LLAMA_VOCAB)
   examples = None
   if num_examples is None and cfg.data.train_path:

@@ -80,11 +80,10 @@ def _export_orbax(kept: run_files.Kept, out: str, description: str) -> None:
   # Imported here: loading params onto a mesh pulls in the whole model stack.
   from lima_jax import generate  # pylint: disable=import-outside-toplevel
   from lima_jax.weights import layout, pretrained  # pylint: disable=import-outside-toplevel
-  source, tokenizer = generate.open_kept(kept)
-  _, params = generate.restore_kept(kept, source)
+  params_source, tokenizer = generate.open_kept(kept)
+  _, params = generate.restore_kept(kept, params_source)
   fields = {k: kept.meta["model"][k] for k in layout.MODEL_KEYS}
-  pretrained.save(out, params, fields, tokenizer_path=tokenizer.path, extras={},
-                  source=description)
+  pretrained.save(out, params, fields, tokenizer=tokenizer, extras={}, source=description)
 
 
 def _parser() -> ArgumentParser:

@@ -179,7 +179,10 @@ def prepare(cfg, workdir: str) -> Setup:
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
   if cfg.init_from and not epath.Path(cfg.init_from).exists():
     raise LimaError(f"init_from: {cfg.init_from}: no such directory")
-  tokenizer = data.ChatTokenizer(cfg.data.tokenizer_path)
+  from lima_jax.weights import pretrained  # pylint: disable=import-outside-toplevel
+  tokenizer = pretrained.run_tokenizer(cfg.init_from, cfg.data.tokenizer_path,
+                                       eot_token=cfg.data.eot_token,
+                                       chat_format=cfg.data.chat_format)
   load = dict(max_length=cfg.data.max_length, train_on_prompt=cfg.data.train_on_prompt,
               data_dir=data.prepared_dir(workdir, cfg.data.cache_dir))
   examples, dev_examples = process_0_first(lambda: (
@@ -193,7 +196,8 @@ def prepare(cfg, workdir: str) -> Setup:
   optimizer, schedule = optim.make_optimizer(cfg.optimizer, total_steps)
   trainer = Trainer(model_cfg, optimizer, schedule, mesh, cfg.seed)
   meta = {"config": cfg.to_dict(), "model": dataclasses.asdict(model_cfg),
-          "tokenizer_sha256": tokenizer.sha256, "steps_per_epoch": plan.steps_per_epoch,
+          "tokenizer_sha256": tokenizer.sha256, "tokenizer": tokenizer.meta(),
+          "steps_per_epoch": plan.steps_per_epoch,
           "total_steps": total_steps}
   return Setup(
       tokenizer=tokenizer, examples=examples, plan=plan, total_steps=total_steps,
@@ -304,7 +308,7 @@ def _restore_or_init(ckpts, trainer, cfg, meta, workdir):
                     "directory away to start afresh")
   if cfg.init_from:  # pretrained weights (HF, Meta or our import); the optimizer starts fresh
     from lima_jax.weights import pretrained  # pylint: disable=import-outside-toplevel
-    state = pretrained.init_state(trainer, cfg.init_from, meta["tokenizer_sha256"])
+    state = pretrained.init_state(trainer, cfg.init_from, meta["tokenizer"])
   else:
     state = trainer.init(cfg.seed)
   return state, 0, (0.0, 0.0)

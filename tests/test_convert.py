@@ -12,6 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from helpers import random_hf_llama  # pylint: disable=wrong-import-position
 from lima_jax import config, convert, sharding, train  # pylint: disable=wrong-import-position
 from lima_jax.errors import LimaError  # pylint: disable=wrong-import-position
 from lima_jax.model import LlamaConfig  # pylint: disable=wrong-import-position
@@ -24,21 +25,9 @@ LENGTH = 24
 
 
 def make_hf(path, *, d=64, heads=4, kv=4, ffn=96, tied=False, theta=10_000.0, seed=0):
-  """A random HF LLaMA saved as safetensors with the sample tokenizer beside it. Weights are
-  larger than transformers' init and norms are not ones, so layout mistakes show in the logits."""
-  torch.manual_seed(seed)
-  cfg = transformers.LlamaConfig(
-      vocab_size=PIECES, hidden_size=d, intermediate_size=ffn, num_hidden_layers=2,
-      num_attention_heads=heads, num_key_value_heads=kv, rope_theta=theta, rms_norm_eps=1e-5,
-      tie_word_embeddings=tied, max_position_embeddings=256)
-  model = transformers.LlamaForCausalLM(cfg).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if name.endswith("norm.weight"):
-        p.copy_(1 + 0.1 * torch.randn_like(p))
-      else:
-        p.normal_(0, 0.1)
-  model.save_pretrained(path)
+  """A random HF LLaMA saved as safetensors with the sample tokenizer beside it."""
+  model = random_hf_llama(path, vocab=PIECES, d=d, heads=heads, kv=kv, ffn=ffn, tied=tied,
+                          theta=theta, seed=seed)
   shutil.copyfile(TOKENIZER, os.path.join(path, "tokenizer.model"))
   return model
 
@@ -216,8 +205,8 @@ def test_init_from_our_dir_loads_the_converted_params(tmp_path):
   mesh = sharding.make_mesh(2, 2, 2)
   model_cfg = train.model_config(cfg.model, PIECES + 1)
   trainer = Trainer(model_cfg, optax.adamw(1e-3), optax.constant_schedule(1e-3), mesh, 0)
-  sha = pretrained.tokenizer_info(TOKENIZER)[1]
-  state = pretrained.init_state(trainer, str(tmp_path / "ours"), sha)
+  tokenizer = pretrained.run_tokenizer(str(tmp_path / "ours"), "")
+  state = pretrained.init_state(trainer, str(tmp_path / "ours"), tokenizer.meta())
   _, expected = our_logits(tmp_path / "ours", tokens_batch())
   for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(expected)):
     assert np.array_equal(np.asarray(a), np.asarray(b))

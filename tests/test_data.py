@@ -40,7 +40,7 @@ def tokenizer_path(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tok(tokenizer_path):
-  return data.ChatTokenizer(tokenizer_path)
+  return data.load_tokenizer(tokenizer_path)
 
 
 def _write(path, lines):
@@ -110,11 +110,11 @@ def test_prompt_and_decode(tok):
 def test_tokenizer_errors(tmp_path):
   missing = str(tmp_path / "nope.model")
   with pytest.raises(LimaError, match=r"data\.tokenizer_path.*nope\.model"):
-    data.ChatTokenizer(missing)
+    data.load_tokenizer(missing)
   bad = tmp_path / "bad.model"
   bad.write_bytes(b"not a model")
   with pytest.raises(LimaError, match=r"data\.tokenizer_path.*bad\.model") as e:
-    data.ChatTokenizer(str(bad))
+    data.load_tokenizer(str(bad))
   assert "\n" not in str(e.value)
 
 

@@ -84,7 +84,7 @@ def test_planning_from_data_counts_the_micro_batches_each_step_fills():
   report = plan.plan_run(cfg, topology.parse("cpu:8"))
   assert report["num_examples"] == 71 and report["rows_source"].startswith("the worst step")
   # The same layout and per-step rows as training computes them, by the trainer's own code.
-  tokenizer = data.ChatTokenizer(cfg.data.tokenizer_path)
+  tokenizer = data.load_tokenizer(cfg.data.tokenizer_path)
   examples = plan._load_examples(cfg, tokenizer)  # pylint: disable=protected-access
   epochs = data.EpochPlan(len(examples), cfg.train.batch_size, cfg.seed)
   counts = train.step_token_counts(examples, epochs, range(report["total_steps"]))

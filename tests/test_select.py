@@ -213,3 +213,16 @@ def test_bad_input_is_a_one_line_error(workdir, tmp_path, case):
   lines = [line for line in proc.stderr.splitlines() if line.strip()]
   assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
   assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+
+
+def test_choose_orbax_export_carries_the_tokenizer(workdir, tmp_path):
+  """--format=orbax: our params directory with the run's tokenizer files and EOT, usable as
+  init_from and exportable to HF."""
+  from lima_jax import convert  # pylint: disable=import-outside-toplevel
+  from lima_jax.weights import pretrained  # pylint: disable=import-outside-toplevel
+  out = str(tmp_path / "chosen")
+  select.main([f"--workdir={workdir}", "--choose=2", "--format=orbax", f"--out={out}"])
+  assert "tokenizer.model" in os.listdir(out)
+  tok = pretrained.OrbaxParams(out).tokenizer()
+  assert (tok.eot_id, tok.vocab_size) == (1000, 1001)
+  assert convert.main(["orbax-to-hf", out, str(tmp_path / "hf")]) == 0

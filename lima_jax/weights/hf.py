@@ -8,17 +8,16 @@ special token that generation stops on.
 
 import json
 import os
-import shutil
 
 import numpy as np
-import sentencepiece as spm
 
+from lima_jax.data import ChatTokenizer, chat_format, tokenizer_files
 from lima_jax.errors import LimaError
-from lima_jax.weights import layout, safetensors_io
+from lima_jax.weights import hf_tokenizer, layout, safetensors_io
 
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
-EOT_TEXT = "<|eot|>"
+EOT_TEXT = chat_format.EOT_TEXT  # the name of LIMA's new EOT token in exports
 _ARCH = "LlamaForCausalLM"
 _LAYER_NAMES = {
     "attn.wq": "self_attn.q_proj.weight", "attn.wk": "self_attn.k_proj.weight",
@@ -129,17 +128,19 @@ class HfSource:
                         f"but {CONFIG} implies {shapes[name]}")
 
   def tokenizer(self) -> str | None:
-    path = os.path.join(self.path, "tokenizer.model")
-    return path if os.path.isfile(path) else None
+    """The directory, when it holds a tokenizer (tokenizer.json or tokenizer.model)."""
+    has = any(os.path.isfile(os.path.join(self.path, n)) for n in tokenizer_files.MAIN_FILES)
+    return self.path if has else None
 
   def tensor(self, name: str, layer: int | None = None) -> np.ndarray:
     return layout.from_linear(name, self._files.get(tensor_name(name, layer)), self.fields)
 
 
-def write_dir(out_dir: str, fields: dict, fetch, *, tokenizer_path: str, eot_id: int,
+def write_dir(out_dir: str, fields: dict, fetch, *, tokenizer: ChatTokenizer,
               extras: dict, dtype, shard_bytes: int = 5 << 30) -> list[str]:
   """Writes an HF directory from our params; fetch(dotted param name) -> host array, called once
-  per param. Returns the safetensors files written."""
+  per param. The tokenizer and its chat template reproduce training's ids in transformers
+  (hf_tokenizer); generation stops on EOT. Returns the safetensors files written."""
   shapes = layout.linear_shapes(fields)
   vocab = fields["vocab_size"]
   entries, cached = [], {}
@@ -180,8 +181,9 @@ def write_dir(out_dir: str, fields: dict, fetch, *, tokenizer_path: str, eot_id:
   if len(groups) > 1:
     _write_json(os.path.join(out_dir, INDEX),
                 {"metadata": {"total_size": total}, "weight_map": weight_map})
-  _write_config(out_dir, fields, extras, eot_id, dtype)
-  _write_tokenizer(out_dir, tokenizer_path, eot_id)
+  _write_config(out_dir, fields, dict(extras, bos_token_id=tokenizer.bos_id), tokenizer.eot_id,
+                dtype)
+  hf_tokenizer.write(out_dir, tokenizer)
   return [os.path.join(out_dir, n) for n in names]
 
 
@@ -210,18 +212,3 @@ def _write_config(out_dir, fields, extras, eot_id, dtype) -> None:
   })
   _write_json(os.path.join(out_dir, "generation_config.json"),
               {"bos_token_id": bos, "eos_token_id": eot_id, "pad_token_id": eot_id})
-
-
-def _write_tokenizer(out_dir: str, tokenizer_path: str, eot_id: int) -> None:
-  shutil.copyfile(tokenizer_path, os.path.join(out_dir, "tokenizer.model"))
-  sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
-  eot = {"content": EOT_TEXT, "special": True, "lstrip": False, "rstrip": False,
-         "normalized": False, "single_word": False}
-  special = {"bos_token": sp.id_to_piece(sp.bos_id()), "eos_token": EOT_TEXT,
-             "pad_token": EOT_TEXT}
-  if sp.unk_id() >= 0:
-    special["unk_token"] = sp.id_to_piece(sp.unk_id())
-  _write_json(os.path.join(out_dir, "tokenizer_config.json"), dict(
-      special, tokenizer_class="LlamaTokenizer", add_bos_token=True, add_eos_token=False,
-      added_tokens_decoder={str(eot_id): eot}, model_max_length=1 << 30))
-  _write_json(os.path.join(out_dir, "special_tokens_map.json"), special)
