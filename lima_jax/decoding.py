@@ -8,8 +8,8 @@ training mesh, compiled once per (batch, prompt bucket, max_new, greedy).
 Decoding follows LIMA: CTRL's repetition penalty on every token generated so far (the paper's
 "previously generated tokens"; with penalize_prompt, on the prompt's tokens too, as
 transformers' RepetitionPenaltyLogitsProcessor does), then temperature, then nucleus (top-p)
-sampling; greedy takes the arg max after the penalty. Each prompt draws from its own key, folded from the seed and its index in the list, so
-its sample does not depend on the batch size.
+sampling; greedy takes the arg max after the penalty. Each prompt draws from its own key,
+folded from the seed and its index in the list, so its sample does not depend on the batch size.
 """
 
 import dataclasses

@@ -41,11 +41,14 @@ class WorkdirLock:
   def __enter__(self):
     refusal = None
     if jax.process_index() == 0 and "://" not in self.workdir:
-      refusal = self._acquire()
+      try:
+        refusal = self._acquire()
+      except OSError as e:  # still meet the other processes below
+        refusal = f"--workdir: {self.workdir}: {e.strerror or e}"
     if jax.process_count() > 1:  # all processes of the run go on, or none does
       refused = multihost_utils.broadcast_one_to_all(np.int32(refusal is not None))
       if refused and refusal is None:
-        refusal = f"--workdir: {self.workdir} is in use by another run (see process 0's error)"
+        refusal = f"--workdir: {self.workdir}: refused by process 0 (see its error)"
     if refusal:
       raise LimaError(refusal)
     return self

@@ -135,7 +135,7 @@ def test_first_token_probabilities_match_transformers_processors(penalize_prompt
   moves the distribution far beyond the tolerance."""
   transformers = pytest.importorskip("transformers")
   torch = pytest.importorskip("torch")
-  from transformers.generation import logits_process as lp  # pylint: disable=import-outside-toplevel
+  lp = transformers.generation.logits_process
   rng = np.random.default_rng(0)
   logits = (rng.normal(size=(3, 100)) * 3).astype(np.float32)
   prompt = np.argsort(-logits, axis=-1)[:, :5].astype(np.int32)  # includes negative logits too
