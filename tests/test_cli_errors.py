@@ -82,10 +82,6 @@ CASES = {
     "tokenizer that is not sentencepiece": (
         lambda t: [f"--config.data.tokenizer_path={jsonl(t, 'tok.model', ['not a model'])}"],
         "tok.model"),
-    "an EOT token the tokenizer lacks": (lambda t: ["--config.data.eot_token=<|eot_id|>"],
-                                         "data.eot_token: '<|eot_id|>' is not a token"),
-    "an unknown chat format": (lambda t: ["--config.data.chat_format=chatml"],
-                               "data.chat_format"),
     "a line that is not an object": (
         lambda t: [f"--config.data.train_path={jsonl(t, 'f.jsonl', [GOOD, '[1, 2]'])}"], "f.jsonl:2"),
     "conversations not a list": (

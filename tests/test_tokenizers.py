@@ -384,3 +384,18 @@ def test_first_step_loss_matches_transformers(sources, tmp_path, chat_format):
     assert _chat_ids(out, turns) == ids
   eot = count if chat_format == "lima" else 2
   assert transformers.GenerationConfig.from_pretrained(str(out)).eos_token_id == eot
+
+
+def test_run_config_errors_name_the_key(tmp_path):
+  """train.prepare refuses an EOT the tokenizer lacks and an unknown chat format in one line,
+  before anything is written."""
+  from lima_jax import train  # pylint: disable=import-outside-toplevel
+  cfg = config.from_file(train.DEFAULT_CONFIG)
+  cfg.mesh.cpu_devices = 0
+  cfg.data.eot_token = "<|eot_id|>"
+  with pytest.raises(LimaError, match=r"^config data\.eot_token: '<\|eot_id\|>' is not a token"):
+    train.prepare(cfg, str(tmp_path))
+  cfg.data.eot_token, cfg.data.chat_format = "", "chatml"
+  with pytest.raises(LimaError, match=r"^config data\.chat_format: must be one of"):
+    train.prepare(cfg, str(tmp_path))
+  assert not os.listdir(tmp_path)
