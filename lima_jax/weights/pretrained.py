@@ -79,11 +79,10 @@ class OrbaxParams:
       saved = ckpts.read_meta(step)
     finally:
       ckpts.close()
-    model = saved.get("model")
-    if not isinstance(model, dict) or any(k not in model for k in layout.MODEL_KEYS):
+    self.fields = layout.model_fields(saved.get("model"))
+    if self.fields is None:
       raise LimaError(f"{path}: step {step} has no lima_jax model metadata")
     self.step = step
-    self.fields = {k: model[k] for k in layout.MODEL_KEYS}
     self.extras = saved.get("hf", {})
     self.tokenizer_sha256 = saved.get("tokenizer_sha256")
     if saved.get("format") == FORMAT:
@@ -138,6 +137,19 @@ def open_source(path: str):
   return OrbaxParams(path)
 
 
+def source_info(path: str, *, config_only: bool = False) -> tuple[dict, dict, bool]:
+  """(model fields, HF extras, whether the rows hold EOT) of an HF, Meta or lima_jax directory,
+  reading no weights. fields['vocab_size'] is the source's embedding rows, which already hold
+  LIMA's EOT in our own checkpoints only. The tensors' shapes are checked against the config,
+  unless config_only, where an HF directory's config.json alone is enough (the planner).
+  Raises LimaError naming the file for a source that is not usable."""
+  if config_only and os.path.isfile(os.path.join(path, hf.CONFIG)):
+    fields, extras = hf.read_config(path)
+    return fields, extras, False
+  source = open_source(path)
+  return source.fields, source.extras, isinstance(source, OrbaxParams)
+
+
 def save(out_dir: str, params, fields: dict, *, tokenizer_path: str, extras: dict,
          source: str) -> None:
   if os.path.exists(out_dir) and os.listdir(out_dir):
@@ -161,7 +173,7 @@ def save(out_dir: str, params, fields: dict, *, tokenizer_path: str, extras: dic
 
 
 def check_model(fields: dict, model_cfg: LlamaConfig, path: str) -> None:
-  """The run's config must describe the imported model exactly: name the key to change."""
+  """The model must be the imported one exactly (`train.model_config` takes it from there)."""
   for key in layout.MODEL_KEYS:
     want, have = getattr(model_cfg, key), fields[key]
     if want == have:
@@ -169,8 +181,7 @@ def check_model(fields: dict, model_cfg: LlamaConfig, path: str) -> None:
     if key == "vocab_size":
       raise LimaError(f"data.tokenizer_path: gives a vocabulary of {want} (with EOT), but "
                       f"{path} holds {have}")
-    raise LimaError(f"model.{key}: the config says {want!r}, but {path} holds {have!r}; "
-                    f"set --config.model.{key}={have!r}")
+    raise LimaError(f"model.{key}: the model has {want!r}, but {path} holds {have!r}")
 
 
 def load_params(path: str, trainer: Trainer, tokenizer_sha256: str):
