@@ -8,7 +8,11 @@ values here serve the planner and runs from random weights. The vocabulary (128,
 comes from the tokenizer, or tell the planner:
 `python -m lima_jax.plan --config=configs/llama31_70b.py --topology=v5p-32 --vocab_size=128257`.
 
-Intended slice: PLAN
+Intended slice: v5p-64 (32 chips), the state sharded over every chip (fsdp) and each layer
+recomputed in the backward pass (remat full): 54.0 GiB per chip of 95 in `lima_jax.plan`
+(save_dots 111.4 does not fit). v5p-32 fits on paper at 86.9 GiB (91%), too close to the limit
+for a plan made on XLA:CPU. `train.loss_chunk_tokens` changes nothing here (54.0 with 512-position
+chunks): the step's peak is in the layers, not the loss.
 """
 
 import os

@@ -6,8 +6,9 @@ with LLaMA-3.1's RoPE scaling: rope_type llama3, factor 8, low- and high-frequen
 With `--config.init_from` all of these come from the weights' config.json or params.json; the
 values here serve the planner and runs from random weights.
 
-Intended slice: v5p-8 (4 chips), remat full, as llama3_8b.py (`python -m lima_jax.plan
---config=configs/llama31_8b.py --topology=v5p-8 --vocab_size=128257`: see llama3_8b.py).
+Intended slice: v5p-8 (4 chips), remat save_dots, as llama3_8b.py (the scaling changes no
+shape: `python -m lima_jax.plan --config=configs/llama31_8b.py --topology=v5p-8
+--vocab_size=128257` gives its 58.6 GiB per chip of 95).
 """
 
 import os

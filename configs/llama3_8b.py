@@ -8,11 +8,11 @@ values here serve the planner and runs from random weights. The vocabulary comes
 tokenizer, as for every config (128,256 tokens + EOT for LLaMA-3). Without one, tell the planner:
 `python -m lima_jax.plan --config=configs/llama3_8b.py --topology=v5p-8 --vocab_size=128257`.
 
-Intended slice: v5p-8 (4 chips), the state sharded over every chip (fsdp) and each layer
-recomputed in the backward pass (remat full: 48.8 GiB per chip of 95 in `lima_jax.plan`, of
-which 26.4 temporaries; save_dots 58.6; none NONE8). `train.loss_chunk_tokens=512` would cut
-the temporaries to 25.4 GiB at the cost of recomputing the LM head: not needed at 2,048-token
-rows.
+Intended slice: v5p-8 (4 chips), the state sharded over every chip (fsdp), remat save_dots as in
+lima_7b.py: 58.6 GiB per chip of 95 in `lima_jax.plan` (full 48.8, none 105.3, with
+micro-batches of one 2,048-token row per chip). `train.loss_chunk_tokens=512` takes 1 GiB off
+that (57.6; each chip's logits of one row are 1 GiB) for a recomputed LM head, about 2% more
+FLOPs: not needed at LIMA's row length, so it stays off.
 """
 
 import os
@@ -33,7 +33,7 @@ def get_config():
   c.model.rope_scaling_type = "default"
   c.model.norm_eps = 1e-5
   c.model.tie_embeddings = False
-  c.model.remat = "full"
+  c.model.remat = "save_dots"
 
   c.mesh.data = 1
   c.mesh.fsdp = -1
