@@ -17,6 +17,7 @@ REMAT_POLICIES = ("none", "full", "save_dots")
 ATTENTION_KERNELS = ("auto", "xla", "splash", "cudnn")
 DTYPES = ("float32", "bfloat16")
 CHAT_FORMATS = ("lima", "template")  # lima_jax.data.FORMATS
+ROPE_SCALING_TYPES = ("default", "linear", "llama3")  # lima_jax.model.rope_frequencies
 
 
 def sample_data(name: str) -> str:
@@ -61,6 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
   # sums their gradients. 0 = one row per batch shard (least padding and activation memory);
   # -1 = a step's rows all at once (no accumulation; every step gets the worst step's rows).
   c.train.micro_batch_rows = 0
+  # Sequence positions whose logits the loss computes at once (recomputed in the backward pass),
+  # so a step never holds a micro-batch's [rows, length, vocabulary] fp32 logits; 0 = all at once.
+  c.train.loss_chunk_tokens = 0
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 1e-5
@@ -79,6 +83,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.n_kv_heads = 32
   c.model.ffn_dim = 11008
   c.model.rope_theta = 10_000.0
+  # RoPE scaling (lima_jax.model.rope_frequencies): default (none), linear, or llama3 (LLaMA-3.1's
+  # factor 8, low 1, high 4, original 8192). With init_from, all of these come from the weights.
+  c.model.rope_scaling_type = "default"
+  c.model.rope_scaling_factor = 1.0
+  c.model.rope_scaling_low_freq_factor = 1.0
+  c.model.rope_scaling_high_freq_factor = 4.0
+  c.model.rope_scaling_original_max_position = 8192
   c.model.norm_eps = 1e-6
   c.model.tie_embeddings = False
   c.model.residual_dropout_top = 0.2
@@ -159,6 +170,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
            "the head dimension d_model / n_heads must be even for rotary embeddings")
   _require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads",
            f"{m.n_kv_heads} does not divide model.n_heads={m.n_heads}")
+  _require(m.rope_scaling_type in ROPE_SCALING_TYPES, "model.rope_scaling_type",
+           f"must be one of {ROPE_SCALING_TYPES}, got {m.rope_scaling_type!r}")
+  _require(m.rope_scaling_factor >= 1, "model.rope_scaling_factor",
+           f"must be >= 1, got {m.rope_scaling_factor}")
+  _require(0 < m.rope_scaling_low_freq_factor < m.rope_scaling_high_freq_factor,
+           "model.rope_scaling_low_freq_factor",
+           "must be positive and below model.rope_scaling_high_freq_factor")
+  _require(m.rope_scaling_original_max_position > 0, "model.rope_scaling_original_max_position",
+           "must be positive")
   _require(0 <= m.residual_dropout_top < 1, "model.residual_dropout_top", "must be in [0, 1)")
   _require(m.remat in REMAT_POLICIES, "model.remat", f"must be one of {REMAT_POLICIES}")
   _require(m.attention in ATTENTION_KERNELS, "model.attention",
@@ -170,6 +190,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(c.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0 (0 = off)")
   _require(c.checkpoint.every_minutes >= 0, "checkpoint.every_minutes", "must be >= 0 (0 = off)")
   _require(c.train.max_bad_steps >= 0, "train.max_bad_steps", "must be >= 0")
+  _require(c.train.loss_chunk_tokens >= 0, "train.loss_chunk_tokens",
+           "must be >= 0 (0 = the whole sequence at once)")
   _require(c.train.micro_batch_rows >= -1, "train.micro_batch_rows",
            "must be a row count, 0 (one row per batch shard) or -1 (a step at once)")
   epochs = tuple(c.eval.generate_epochs)

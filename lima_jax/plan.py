@@ -13,6 +13,7 @@ change), 2 for bad input. `--config.KEY=VALUE` overrides work as in `lima_jax.tr
 
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -54,10 +55,15 @@ def plan_run(cfg, topo: topology.Topology, *, num_examples: int | None = None,
   _validate(cfg)
   devices = _fake_devices(topo.devices)
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
+  source = _source(cfg)
+  rows = source[0]["vocab_size"] if source else 0
   tokenizer = data.load_tokenizer(
-      cfg.data.tokenizer_path, eot_token=cfg.data.eot_token,
-      chat_format=cfg.data.chat_format) if cfg.data.tokenizer_path else None
-  vocab = vocab_size or (tokenizer.vocab_size if tokenizer else LLAMA_VOCAB)
+      cfg.data.tokenizer_path, eot_token=cfg.data.eot_token, chat_format=cfg.data.chat_format,
+      source_rows=rows) if cfg.data.tokenizer_path else None
+  if tokenizer or not source:
+    vocab = vocab_size or (tokenizer.vocab_size if tokenizer else LLAMA_VOCAB)
+  else:  # the source's rows, plus LIMA's new EOT unless one is named or ours already holds it
+    vocab = vocab_size or rows + (0 if source[1] or cfg.data.eot_token else 1)
   examples = None
   if num_examples is None and cfg.data.train_path:
     examples = _load_examples(cfg, tokenizer)
@@ -67,7 +73,11 @@ def plan_run(cfg, topo: topology.Topology, *, num_examples: int | None = None,
   epochs = data.EpochPlan(num_examples, cfg.train.batch_size, cfg.seed)
   total_steps = epochs.steps_per_epoch * cfg.train.epochs
   optimizer, schedule = optim.make_optimizer(cfg.optimizer, total_steps)
-  trainer = Trainer(train.model_config(cfg.model, vocab), optimizer, schedule, mesh, cfg.seed)
+  model_cfg = train.model_config(cfg.model, vocab, source and source[0],
+                                 pinned=train.pinned_model_keys(),
+                                 where=f"init_from {cfg.init_from}")
+  trainer = Trainer(model_cfg, optimizer, schedule, mesh, cfg.seed,
+                    loss_chunk_tokens=cfg.train.loss_chunk_tokens)
   layout, mean_rows, rows_source = _layout(cfg, examples, epochs, total_steps, mesh, avg_tokens)
 
   started = time.perf_counter()
@@ -84,13 +94,15 @@ def plan_run(cfg, topo: topology.Topology, *, num_examples: int | None = None,
       "topology": topo.name, "chip": topo.chip, "devices": topo.devices,
       "mesh": dict(mesh.shape), "remat": cfg.model.remat, "compute_dtype": cfg.model.compute_dtype,
       "params": trainer.num_params, "vocab_size": vocab,
+      "model": {k: getattr(model_cfg, k) for k in train.SHAPE_KEYS},
+      "loss_chunk_tokens": cfg.train.loss_chunk_tokens,
       "num_examples": num_examples, "batch_size": cfg.train.batch_size,
       "steps_per_epoch": epochs.steps_per_epoch, "epochs": cfg.train.epochs,
       "total_steps": total_steps,
       "lr_at_epoch_end": [float(schedule((e + 1) * epochs.steps_per_epoch - 1))  # last step's
                           for e in range(cfg.train.epochs)],
       "dropout_per_layer": [round(float(p), 6) for p in residual_dropout_rates(
-          cfg.model.n_layers, cfg.model.residual_dropout_top)],
+          model_cfg.n_layers, cfg.model.residual_dropout_top)],
       "rows_per_step": layout.micro_batches * layout.rows, "micro_batches": layout.micro_batches,
       "micro_batch_rows": layout.rows, "mean_rows_computed": mean_rows,
       "rows_source": rows_source, "max_length": cfg.data.max_length,
@@ -114,6 +126,18 @@ def _validate(cfg) -> None:
   if cfg.data.train_path and not cfg.data.tokenizer_path:
     raise LimaError("data.tokenizer_path: is empty; planning from data.train_path needs the "
                     "tokenizer (or pass --num_examples)")
+
+
+def _source(cfg) -> tuple[dict, bool] | None:
+  """(fields, whether its rows hold EOT) of init_from, from an HF config.json alone (no weight
+  file needed), a Meta directory or one of ours; None without init_from."""
+  if not cfg.init_from:
+    return None
+  from lima_jax.weights import pretrained  # pylint: disable=import-outside-toplevel
+  if not os.path.isdir(cfg.init_from):
+    raise LimaError(f"init_from: {cfg.init_from}: no such directory")
+  fields, _, has_eot = pretrained.source_info(cfg.init_from, config_only=True)
+  return fields, has_eot
 
 
 def _fake_devices(count: int) -> list:
@@ -200,6 +224,19 @@ def advice(report: dict, cfg, topo: topology.Topology) -> list[str]:
   return tips
 
 
+def _shape(m: dict) -> str:
+  rope = f"RoPE theta {m['rope_theta']:g}"
+  if m["rope_scaling_type"] != "default":
+    rope += f", {m['rope_scaling_type']} scaling x{m['rope_scaling_factor']:g}"
+  if m["rope_scaling_type"] == "llama3":
+    rope += (f" (low {m['rope_scaling_low_freq_factor']:g}, high "
+             f"{m['rope_scaling_high_freq_factor']:g}, original "
+             f"{m['rope_scaling_original_max_position']:,})")
+  return (f"d_model {m['d_model']}, {m['n_layers']} layers, {m['n_heads']} heads / "
+          f"{m['n_kv_heads']} KV, FFN {m['ffn_dim']}, {rope}, norm eps {m['norm_eps']:g}"
+          + (", tied embeddings" if m["tie_embeddings"] else ""))
+
+
 def _bytes(n: float) -> str:
   return f"{n / topology.GIB:.2f} GiB" if n >= topology.GIB / 10 else f"{n / 2**20:.1f} MiB"
 
@@ -213,7 +250,10 @@ def render(report: dict, config_name: str) -> str:
       f"lima_jax plan: {config_name} on {report['topology']} ({report['devices']} x "
       f"{report['chip']}, {_bytes(report['hbm_bytes_per_device'])} each)",
       f"  model     {_count(report['params'])} params (vocabulary {report['vocab_size']:,} "
-      f"with EOT), remat {report['remat']}, compute {report['compute_dtype']}",
+      f"with EOT), remat {report['remat']}, compute {report['compute_dtype']}, loss "
+      + (f"{report['loss_chunk_tokens']:,} positions at a time" if report["loss_chunk_tokens"]
+         else "over whole rows"),
+      "  shape     " + _shape(report["model"]),
       "  mesh      " + " ".join(f"{k}={v}" for k, v in report["mesh"].items()),
       f"  steps     {report['num_examples']:,} examples, batch {report['batch_size']}: "
       f"{report['steps_per_epoch']} steps/epoch x {report['epochs']} epochs = "

@@ -30,6 +30,7 @@ from lima_jax.errors import LimaError
 from lima_jax.metrics import RunReporter
 from lima_jax.model import LlamaConfig
 from lima_jax.train_state import Trainer
+from lima_jax.weights import layout
 from lima_jax.workdir_lock import WorkdirLock
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -108,9 +109,53 @@ _MULTIHOST = flags.DEFINE_boolean(
     "Default: when JAX_COORDINATOR_ADDRESS is set or on a Cloud TPU VM.")
 
 
-def model_config(model_section, vocab_size: int) -> LlamaConfig:
+# The model's shape: with init_from these come from the weights, not from the config.
+SHAPE_KEYS = tuple(k for k in layout.MODEL_KEYS if k != "vocab_size")
+
+
+def model_config(model_section, vocab_size: int, source: dict | None = None, *,
+                 pinned=(), where: str = "init_from") -> LlamaConfig:
+  """The model of the config's `model` section with the tokenizer's vocabulary (EOT included).
+
+  With `source` (the fields of init_from's weights) the SHAPE_KEYS come from there and the
+  config's values yield, except those in `pinned` (given on the command line): one that
+  disagrees with the source raises LimaError naming every such key.
+  """
   fields = {f.name for f in dataclasses.fields(LlamaConfig)} - {"vocab_size"}
-  return LlamaConfig(vocab_size=vocab_size, **{k: model_section[k] for k in fields})
+  values = {k: model_section[k] for k in fields}
+  if source is not None:
+    wrong = [k for k in SHAPE_KEYS if k in pinned and model_section[k] != source[k]]
+    if wrong:
+      raise LimaError(
+          f"{', '.join(f'--config.model.{k}={model_section[k]!r}' for k in wrong)}: "
+          f"{where} holds {', '.join(f'{k}={source[k]!r}' for k in wrong)}; drop the "
+          f"flag{'s' if len(wrong) > 1 else ''} (with init_from the model's shape comes from "
+          "its weights)")
+    values.update({k: source[k] for k in SHAPE_KEYS})
+  return LlamaConfig(vocab_size=vocab_size, **values)
+
+
+def command_line_keys() -> set[str]:
+  """The keys set by --config.KEY=VALUE on this process's command line (none when the trainer is
+  called as a library)."""
+  if not flags.FLAGS.is_parsed():
+    return set()
+  return set(config_flags.get_override_values(flags.FLAGS["config"]))
+
+
+def pinned_model_keys() -> set[str]:
+  return {k.split(".", 1)[1] for k in command_line_keys() if k.startswith("model.")}
+
+
+def init_source(cfg):
+  """init_from's weights opened (an HF, Meta or lima_jax source: fields, extras, tensors), their
+  shapes checked and none of them read; None without init_from."""
+  if not cfg.init_from:
+    return None
+  if not epath.Path(cfg.init_from).exists():
+    raise LimaError(f"init_from: {cfg.init_from}: no such directory")
+  from lima_jax.weights import pretrained  # pylint: disable=import-outside-toplevel
+  return pretrained.open_source(cfg.init_from)
 
 
 def step_token_counts(examples, plan, steps):
@@ -177,12 +222,14 @@ def prepare(cfg, workdir: str) -> Setup:
     use_fake_cpu_devices(cfg.mesh.cpu_devices)
   use_compile_cache(cfg.train.compile_cache_dir)
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-  if cfg.init_from and not epath.Path(cfg.init_from).exists():
-    raise LimaError(f"init_from: {cfg.init_from}: no such directory")
+  # The weights' shape and vocabulary first: nothing is written for a source that cannot train.
+  source = init_source(cfg)
   from lima_jax.weights import pretrained  # pylint: disable=import-outside-toplevel
   tokenizer = pretrained.run_tokenizer(cfg.init_from, cfg.data.tokenizer_path,
                                        eot_token=cfg.data.eot_token,
-                                       chat_format=cfg.data.chat_format)
+                                       chat_format=cfg.data.chat_format, source=source)
+  model_cfg = model_config(cfg.model, tokenizer.vocab_size, source and source.fields,
+                           pinned=pinned_model_keys(), where=f"init_from {cfg.init_from}")
   load = dict(max_length=cfg.data.max_length, train_on_prompt=cfg.data.train_on_prompt,
               data_dir=data.prepared_dir(workdir, cfg.data.cache_dir))
   examples, dev_examples = process_0_first(lambda: (
@@ -192,13 +239,15 @@ def prepare(cfg, workdir: str) -> Setup:
 
   plan = data.EpochPlan(len(examples), cfg.train.batch_size, cfg.seed)
   total_steps = plan.steps_per_epoch * cfg.train.epochs
-  model_cfg = model_config(cfg.model, tokenizer.vocab_size)
   optimizer, schedule = optim.make_optimizer(cfg.optimizer, total_steps)
-  trainer = Trainer(model_cfg, optimizer, schedule, mesh, cfg.seed)
-  meta = {"config": cfg.to_dict(), "model": dataclasses.asdict(model_cfg),
+  trainer = Trainer(model_cfg, optimizer, schedule, mesh, cfg.seed,
+                    loss_chunk_tokens=cfg.train.loss_chunk_tokens)
+  recorded = cfg.to_dict()
+  recorded["model"].update({k: getattr(model_cfg, k) for k in SHAPE_KEYS})  # what ran
+  meta = {"config": recorded, "model": dataclasses.asdict(model_cfg),
           "tokenizer_sha256": tokenizer.sha256, "tokenizer": tokenizer.meta(),
-          "steps_per_epoch": plan.steps_per_epoch,
-          "total_steps": total_steps}
+          "steps_per_epoch": plan.steps_per_epoch, "total_steps": total_steps,
+          "hf": source.extras if source else {}}
   return Setup(
       tokenizer=tokenizer, examples=examples, plan=plan, total_steps=total_steps,
       dev=DevSet(dev_examples, cfg, mesh) if dev_examples else None,

@@ -192,10 +192,15 @@ def test_train_from_hf_dir_then_generate_in_transformers(tmp_path):
   assert out.shape[1] > prompt["input_ids"].shape[1]
 
 
-def test_init_from_refuses_a_config_mismatch(tmp_path):
+def test_init_from_refuses_a_command_line_shape_mismatch(tmp_path):
   make_hf(tmp_path / "hf", d=64, heads=4, kv=4, ffn=96)
-  with pytest.raises(LimaError, match=r"^model\.n_kv_heads: .*holds 4"):
-    train.run(_train_config(str(tmp_path / "hf"), n_kv_heads=2), str(tmp_path / "run"))
+  cfg = _train_config(str(tmp_path / "hf"), n_kv_heads=2)
+  fields, _, _ = pretrained.source_info(str(tmp_path / "hf"))
+  # The config file's value yields to the weights; the same value given as a flag is refused.
+  assert train.model_config(cfg.model, PIECES + 1, fields).n_kv_heads == 4
+  with pytest.raises(LimaError,
+                     match=r"^--config\.model\.n_kv_heads=2: init_from holds n_kv_heads=4;"):
+    train.model_config(cfg.model, PIECES + 1, fields, pinned={"n_kv_heads"})
 
 
 def test_init_from_our_dir_loads_the_converted_params(tmp_path):

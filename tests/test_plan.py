@@ -46,6 +46,7 @@ def test_topology_names_count_chips():
     ("lima_33b", (6656, 60, 52, 52, 17920, 10_000.0, 1e-6)),
     ("llama2_7b", (4096, 32, 32, 32, 11008, 10_000.0, 1e-5)),
     ("llama3_8b", (4096, 32, 32, 8, 14336, 500_000.0, 1e-5)),
+    ("llama31_8b", (4096, 32, 32, 8, 14336, 500_000.0, 1e-5)),
 ])
 def test_presets_smaller_than_65b_follow_the_paper(name, dims):
   cfg = preset(name)
@@ -55,6 +56,21 @@ def test_presets_smaller_than_65b_follow_the_paper(name, dims):
   assert (cfg.train.batch_size, m.residual_dropout_top, cfg.train.epochs) == (64, 0.2, 15)
   assert cfg.data.max_length == (4096 if name == "llama2_7b" else 2048)
   assert m.remat in config.REMAT_POLICIES and cfg.mesh.fsdp == -1
+  plan._validate(cfg)  # pylint: disable=protected-access
+
+
+def test_llama31_presets_scale_rope_as_llama31_does():
+  for name in ("llama31_8b", "llama31_70b"):
+    m = preset(name).model
+    assert (m.rope_scaling_type, m.rope_scaling_factor, m.rope_scaling_low_freq_factor,
+            m.rope_scaling_high_freq_factor, m.rope_scaling_original_max_position) == (
+                "llama3", 8.0, 1.0, 4.0, 8192), name
+  assert preset("llama3_8b").model.rope_scaling_type == "default"
+  cfg = preset("llama31_70b")  # LIMA's 65B recipe on LLaMA-3.1-70B's dimensions
+  m = cfg.model
+  assert (m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.ffn_dim, m.rope_theta,
+          m.norm_eps, m.tie_embeddings) == (8192, 80, 64, 8, 28672, 500_000.0, 1e-5, False)
+  assert (cfg.train.batch_size, m.residual_dropout_top, cfg.train.epochs) == (32, 0.3, 15)
   plan._validate(cfg)  # pylint: disable=protected-access
 
 
@@ -141,3 +157,25 @@ def test_cli_errors_are_one_line():
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [
       "error: --topology: v5p-33: v5p slices come in sizes a multiple of 8"]
+
+
+def test_cli_shows_what_the_chunked_loss_saves_on_a_llama3_vocabulary():
+  """llama3_8b.py's 128,257-column vocabulary on a model small enough to compile quickly: the
+  unchunked step holds each chip's [1 row, 512, 128,384] fp32 logits (251 MiB) and their
+  gradient; 128-position chunks hold a quarter of that."""
+  reports = {}
+  for chunk in (0, 128):
+    result = subprocess.run(
+        [sys.executable, "-m", "lima_jax.plan", "--config=configs/llama3_8b.py",
+         "--topology=v5p-8", "--vocab_size=128257", f"--config.train.loss_chunk_tokens={chunk}",
+         "--config.model.d_model=128", "--config.model.n_heads=2", "--config.model.n_kv_heads=2",
+         "--config.model.ffn_dim=256", "--config.model.n_layers=1",
+         "--config.data.max_length=512", "--config.train.batch_size=8", "--json"],
+        cwd=ROOT, env=dict(os.environ, XLA_FLAGS=""), capture_output=True, text=True,
+        timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports[chunk] = json.loads(result.stdout)
+  assert reports[128]["loss_chunk_tokens"] == 128 and reports[128]["micro_batch_rows"] == 4
+  logits = 512 * 128_384 * 4  # one row per chip
+  saved = reports[0]["temp_bytes"] - reports[128]["temp_bytes"]
+  assert saved > 1.5 * logits, (reports[0]["temp_bytes"], reports[128]["temp_bytes"])

@@ -74,16 +74,14 @@ def read_config(hf_dir: str) -> tuple[dict, dict]:
   refuse("hidden_act", c.get("hidden_act", "silu") == "silu", "LLaMA uses silu")
   refuse("attention_bias", not c.get("attention_bias"), "LLaMA has no biases")
   refuse("mlp_bias", not c.get("mlp_bias"), "LLaMA has no biases")
-  rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-  refuse("rope_parameters" if "rope_parameters" in c else "rope_scaling",
-         rope.get("rope_type", rope.get("type", "default")) == "default",
-         "only unscaled rotary embeddings")
+  rope = c.get("rope_parameters") or {}
   fields = {
       "vocab_size": need("vocab_size"), "d_model": need("hidden_size"),
       "n_layers": need("num_hidden_layers"), "n_heads": need("num_attention_heads"),
       "n_kv_heads": c.get("num_key_value_heads") or need("num_attention_heads"),
       "ffn_dim": need("intermediate_size"),
       "rope_theta": float(c.get("rope_theta", rope.get("rope_theta", 10_000.0))),
+      **_rope_scaling(c, path),
       "norm_eps": float(c.get("rms_norm_eps", 1e-6)),
       "tie_embeddings": bool(c.get("tie_word_embeddings", False)),
   }
@@ -92,6 +90,45 @@ def read_config(hf_dir: str) -> tuple[dict, dict]:
   extras = {"max_position_embeddings": c.get("max_position_embeddings", 2048),
             "bos_token_id": c.get("bos_token_id", 1)}
   return fields, extras
+
+
+# Our RoPE scaling fields by the key transformers gives them in rope_parameters / rope_scaling.
+_ROPE_KEYS = {"factor": "factor", "low_freq_factor": "low_freq_factor",
+              "high_freq_factor": "high_freq_factor",
+              "original_max_position_embeddings": "original_max_position"}
+_ROPE_NEEDS = {"default": (), "linear": ("factor",),
+               "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                          "original_max_position_embeddings")}
+
+
+def _rope_scaling(c: dict, path: str) -> dict:
+  """Our rope_scaling_* fields from config.json. transformers 5 writes `rope_parameters`, older
+  releases `rope_scaling` (and 5 prefers it when both are there, as here); the type is under
+  `rope_type` or, older still, `type`."""
+  key = "rope_scaling" if c.get("rope_scaling") else "rope_parameters"
+  rope = c.get(key) or {}
+  kind = rope.get("rope_type", rope.get("type", "default"))
+  if kind not in _ROPE_NEEDS:
+    raise LimaError(f"{path}: {key}.rope_type={kind!r} is not supported (only default, linear "
+                    "and llama3 RoPE)")
+  # transformers falls back to max_position_embeddings for a missing original length.
+  rope = dict({"original_max_position_embeddings": c.get("max_position_embeddings")}, **rope)
+  values = {}
+  for name in _ROPE_NEEDS[kind]:
+    if rope.get(name) is None:
+      raise LimaError(f"{path}: {key}.{name} is missing (needed by rope_type {kind!r})")
+    number = int if name == "original_max_position_embeddings" else float
+    values[_ROPE_KEYS[name]] = number(rope[name])
+  return layout.rope_scaling(kind, **values)
+
+
+def _rope_config(fields: dict) -> dict:
+  """config.json's rope_parameters (transformers 5) for our fields; an older transformers reads
+  the same under rope_scaling."""
+  rope = {"rope_type": fields["rope_scaling_type"], "rope_theta": fields["rope_theta"]}
+  for hf_key in _ROPE_NEEDS[fields["rope_scaling_type"]]:
+    rope[hf_key] = fields[f"rope_scaling_{_ROPE_KEYS[hf_key]}"]
+  return rope
 
 
 def _weight_files(hf_dir: str) -> list[str]:
@@ -203,8 +240,10 @@ def _write_config(out_dir, fields, extras, eot_id, dtype) -> None:
       "intermediate_size": fields["ffn_dim"], "num_hidden_layers": fields["n_layers"],
       "num_attention_heads": fields["n_heads"], "num_key_value_heads": fields["n_kv_heads"],
       "head_dim": fields["d_model"] // fields["n_heads"], "rms_norm_eps": fields["norm_eps"],
-      # Both spellings: transformers 5 reads rope_parameters, older releases rope_theta.
-      "rope_theta": theta, "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+      # Both spellings: transformers 5 reads rope_parameters, older releases rope_theta and
+      # rope_scaling (null when unscaled).
+      "rope_theta": theta, "rope_parameters": _rope_config(fields),
+      "rope_scaling": None if fields["rope_scaling_type"] == "default" else _rope_config(fields),
       "tie_word_embeddings": fields["tie_embeddings"],
       "max_position_embeddings": extras.get("max_position_embeddings", 2048),
       "bos_token_id": bos, "eos_token_id": eot_id,

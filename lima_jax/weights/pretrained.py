@@ -84,11 +84,10 @@ class OrbaxParams:
       saved = ckpts.read_meta(step)
     finally:
       ckpts.close()
-    model = saved.get("model")
-    if not isinstance(model, dict) or any(k not in model for k in layout.MODEL_KEYS):
+    self.fields = layout.model_fields(saved.get("model"))
+    if self.fields is None:
       raise LimaError(f"{path}: step {step} has no lima_jax model metadata")
     self.step = step
-    self.fields = {k: model[k] for k in layout.MODEL_KEYS}
     self.extras = saved.get("hf", {})
     self.tokenizer_sha256 = saved.get("tokenizer_sha256")
     data_cfg = saved.get("config", {}).get("data", {})
@@ -162,12 +161,13 @@ def open_source(path: str):
 
 
 def run_tokenizer(init_from: str, tokenizer_path: str, *, eot_token: str = "",
-                  chat_format: str = "lima") -> ChatTokenizer:
+                  chat_format: str = "lima", source=None) -> ChatTokenizer:
   """The tokenizer of a training run: data.tokenizer_path, else the one init_from carries, with
-  its EOT planned against init_from's embedding rows (`vocab_plan`)."""
+  its EOT planned against init_from's embedding rows (`vocab_plan`). `source` is init_from
+  already opened by `open_source`, if the caller has it."""
   if not init_from:
     return data.load_tokenizer(tokenizer_path, eot_token=eot_token, chat_format=chat_format)
-  source = open_source(init_from)
+  source = source or open_source(init_from)
   rows = source.fields["vocab_size"]
   if isinstance(source, OrbaxParams):
     tokenizer = source.tokenizer(eot_token=eot_token, chat_format=chat_format,
@@ -181,6 +181,19 @@ def run_tokenizer(init_from: str, tokenizer_path: str, *, eot_token: str = "",
                     "tokenizer (tokenizer.json or tokenizer.model); set it")
   vocab_plan(rows, tokenizer, f"init_from: {init_from}")
   return tokenizer
+
+
+def source_info(path: str, *, config_only: bool = False) -> tuple[dict, dict, bool]:
+  """(model fields, HF extras, whether the rows hold EOT) of an HF, Meta or lima_jax directory,
+  reading no weights. fields['vocab_size'] is the source's embedding rows, which already hold
+  LIMA's EOT in our own checkpoints only. The tensors' shapes are checked against the config,
+  unless config_only, where an HF directory's config.json alone is enough (the planner).
+  Raises LimaError naming the file for a source that is not usable."""
+  if config_only and os.path.isfile(os.path.join(path, hf.CONFIG)):
+    fields, extras = hf.read_config(path)
+    return fields, extras, False
+  source = open_source(path)
+  return source.fields, source.extras, isinstance(source, OrbaxParams)
 
 
 def save(out_dir: str, params, fields: dict, *, tokenizer: ChatTokenizer, extras: dict,
@@ -207,7 +220,7 @@ def save(out_dir: str, params, fields: dict, *, tokenizer: ChatTokenizer, extras
 
 
 def check_model(fields: dict, model_cfg: LlamaConfig, path: str) -> None:
-  """The run's config must describe the imported model exactly: name the key to change."""
+  """The model must be the imported one exactly (`train.model_config` takes it from there)."""
   for key in layout.MODEL_KEYS:
     want, have = getattr(model_cfg, key), fields[key]
     if want == have:
@@ -215,8 +228,7 @@ def check_model(fields: dict, model_cfg: LlamaConfig, path: str) -> None:
     if key == "vocab_size":
       raise LimaError(f"data.tokenizer_path: gives a vocabulary of {want} (with EOT), but "
                       f"{path} holds {have}")
-    raise LimaError(f"model.{key}: the config says {want!r}, but {path} holds {have!r}; "
-                    f"set --config.model.{key}={have!r}")
+    raise LimaError(f"model.{key}: the model has {want!r}, but {path} holds {have!r}")
 
 
 def load_params(path: str, trainer: Trainer, tokenizer: dict):
