@@ -72,7 +72,7 @@ def _export_orbax(kept: run_files.Kept, out: str, source: str) -> None:
   from lima_jax.weights import layout, pretrained  # pylint: disable=import-outside-toplevel
   source, tokenizer = generate.open_kept(kept)
   _, params = generate.restore_kept(kept, source)
-  fields = {k: kept.meta["model"][k] for k in layout.MODEL_KEYS}
+  fields = layout.model_fields(kept.meta["model"])  # runs older than RoPE scaling: unscaled
   pretrained.save(out, params, fields, tokenizer_path=tokenizer.path, extras={}, source=source)
 
 
