@@ -82,7 +82,7 @@ def _export_orbax(kept: run_files.Kept, out: str, description: str) -> None:
   from lima_jax.weights import layout, pretrained  # pylint: disable=import-outside-toplevel
   params_source, tokenizer = generate.open_kept(kept)
   _, params = generate.restore_kept(kept, params_source)
-  fields = {k: kept.meta["model"][k] for k in layout.MODEL_KEYS}
+  fields = layout.model_fields(kept.meta["model"])  # runs older than RoPE scaling: unscaled
   pretrained.save(out, params, fields, tokenizer=tokenizer, extras={}, source=description)
 
 

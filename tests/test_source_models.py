@@ -157,7 +157,7 @@ def test_first_step_loss_from_a_llama31_dir_equals_transformers(tmp_path):
   train.run(cfg, str(workdir))
   first = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[0])["loss"]
 
-  tokenizer = data.ChatTokenizer(cfg.data.tokenizer_path)
+  tokenizer = data.load_tokenizer(cfg.data.tokenizer_path)
   examples = data.load_examples(cfg.data.train_path, tokenizer, max_length=cfg.data.max_length,
                                 train_on_prompt=False, data_dir=str(tmp_path / "tfds"))
   ids = data.EpochPlan(len(examples), cfg.train.batch_size, cfg.seed).example_ids(0)
