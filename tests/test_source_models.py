@@ -176,7 +176,8 @@ def test_a_vocabulary_mismatch_is_refused_before_anything_is_written(tmp_path):
   make_scaled_hf(tmp_path / "hf", LLAMA3_ROPE, vocab=PIECES - 3)
   workdir = tmp_path / "run"
   workdir.mkdir()
-  with pytest.raises(LimaError, match=r"^data\.tokenizer_path: with .*vocabulary of 997"):
+  with pytest.raises(LimaError, match=r"^data\.tokenizer_path: .*defines 1000 tokens, but the "
+                                      r"weights have only 997"):
     train.run(_run_config(tmp_path / "hf"), str(workdir))
   assert not os.listdir(workdir)  # no TFDS copy, no checkpoints
 

@@ -361,6 +361,7 @@ def test_first_step_loss_matches_transformers(sources, tmp_path, chat_format):
   cfg.data.chat_format = chat_format
   cfg.data.eot_token = "<|im_end|>" if chat_format == "template" else ""
   cfg.train.batch_size, cfg.train.epochs, cfg.train.stop_after_steps = len(chosen), 1, 1
+  cfg.optimizer.warmup_steps = 0  # a one-step run: no warmup to fit
   cfg.mesh.cpu_devices, cfg.checkpoint.async_save, cfg.eval.generate_epochs = 0, False, ()
   dims = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, rope_theta=10_000.0,
               norm_eps=1e-5, residual_dropout_top=0.0, compute_dtype="float32")
