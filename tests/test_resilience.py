@@ -121,14 +121,15 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(reference, tmp_p
 
 def test_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
   workdir = str(tmp_path)
-  cfg = cli_config()
-  cfg.train.stop_after_steps = 2
-  train.run(cfg, workdir)
-  before = tree_hashes(os.path.join(workdir, "checkpoints"))
   diverging = cli_config()
-  diverging.optimizer.learning_rate = 1e30  # params blow up at step 3, the loss at step 4
-  diverging.optimizer.end_learning_rate = 1e30
-  with pytest.raises(LimaError, match=r"^step \d+: non-finite loss .* last good checkpoint is "
+  # Warmup from 0: step 1 leaves the params as they are, step 2 (LR 1e29) blows them up, and
+  # the loss of step 3 is not finite. (A rerun may not change the LR, so both runs diverge.)
+  diverging.optimizer.learning_rate = diverging.optimizer.end_learning_rate = 1e30
+  diverging.train.stop_after_steps = 2
+  train.run(diverging, workdir)
+  before = tree_hashes(os.path.join(workdir, "checkpoints"))
+  diverging.train.stop_after_steps = 0
+  with pytest.raises(LimaError, match=r"^step 3: non-finite loss .* last good checkpoint is "
                                       r"step 2\b.*train.max_bad_steps"):
     train.run(diverging, workdir)
   after = tree_hashes(os.path.join(workdir, "checkpoints"))
