@@ -65,6 +65,10 @@ class EpochGenerations:
       tqdm.tqdm.write(f"epoch {epoch}: {len(ids)} dev generations in {path} "
                       f"({time.perf_counter() - started:.1f}s)")
 
+  def writing(self) -> bool:
+    """Whether an epoch's params export is still being written."""
+    return self._params is not None and self._params.writing()
+
   def close(self) -> None:
     if self._params is not None:
       self._params.close()

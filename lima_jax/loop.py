@@ -1,7 +1,8 @@
 """The step loop: train steps, end-of-epoch work, and the checkpoints that make a run resumable.
 
 A checkpoint of the full train state is written at the end of an epoch (`checkpoint.epoch_state`:
-by default unless the previous one is still being written, so the steps never wait for it),
+by default only when no checkpoint or params export is still being written, so the steps never
+wait for storage),
 every `checkpoint.every_steps` steps and/or `checkpoint.every_minutes` minutes (only the newest
 of these interval checkpoints is kept), at the last step and `train.stop_after_steps`, and when
 SIGTERM (the spot preemption notice) or Ctrl-C arrives: the step in flight finishes, its
@@ -101,7 +102,7 @@ def train_steps(setup, cfg, state, steps: range, ckpts, reporter) -> Outcome:
         epoch_loss = [0.0, 0.0]
       last = done == steps.stop
       interval = bool(stop.signal_name) or cadence.due(done)
-      if last or interval or (epoch_done and _epoch_state_due(cfg, ckpts)):
+      if last or interval or (epoch_done and _epoch_state_due(cfg, ckpts, setup.generations)):
         ckpts.save(done, state, dict(setup.meta, step=done,
                                      epoch=done / setup.plan.steps_per_epoch),
                    interval=not (epoch_done or last))
@@ -113,10 +114,13 @@ def train_steps(setup, cfg, state, steps: range, ckpts, reporter) -> Outcome:
   return Outcome(record, None)
 
 
-def _epoch_state_due(cfg, ckpts) -> bool:
-  """Whether an epoch end writes the full train state (checkpoint.epoch_state)."""
+def _epoch_state_due(cfg, ckpts, exports=None) -> bool:
+  """Whether an epoch end writes the full train state (checkpoint.epoch_state). when_idle: only
+  if storage is idle, the selection params `exports` (an EpochGenerations) included: those
+  must be written, so a full state never competes with them for bandwidth."""
   policy = cfg.checkpoint.epoch_state
-  return policy == "always" or (policy == "when_idle" and not ckpts.writing())
+  busy = lambda: ckpts.writing() or (exports is not None and exports.writing())
+  return policy == "always" or (policy == "when_idle" and not busy())
 
 
 def pipelined_steps(setup, state, steps: range, hold):

@@ -286,7 +286,7 @@ def render(report: dict, config_name: str) -> str:
   if report["step_time_s"] is not None:
     compute += (f"; at {100 * report['mfu']:.0f}% MFU {report['step_time_s']:.2f} s per step, "
                 f"{report['compute_time_s'] / 60:.1f} min for {report['total_steps']} steps "
-                "(compute only: weight loading, compiling and checkpoints come on top)")
+                "(compute only; the whole run's wall time below)")
   lines.append(compute)
   if report["wall_time"] is not None:
     lines += render_wall_time(report)

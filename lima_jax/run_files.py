@@ -58,6 +58,9 @@ class EpochParamsWriter:
       params = self._cast(params)
     self._ckpts.save(epoch, {"params": params}, dict(meta, export_dtype=self.dtype))
 
+  def writing(self) -> bool:
+    return self._ckpts is not None and self._ckpts.writing()
+
   def close(self) -> None:
     if self._ckpts is not None:
       self._ckpts.close()

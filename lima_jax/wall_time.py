@@ -13,8 +13,8 @@ A pod run pays for more than its train steps. This module adds up, in seconds of
 Checkpoints follow `lima_jax.loop` and `lima_jax.checkpoint` step by step along the run's
 timeline: at each epoch end, the selection epochs' params export (`checkpoint.export_dtype`) is
 queued before the dev generations; then the full train state, when due
-(`checkpoint.epoch_state`: `always`, `when_idle` = only if the previous full-state write is
-done, `never`), at interval steps / minutes, and at the last step, after which the run waits
+(`checkpoint.epoch_state`: `always`, `when_idle` = only if no write is in progress, exports
+included, `never`), at interval steps / minutes, and at the last step, after which the run waits
 for every write. Each save blocks for its device-to-host copy, for the previous save of its
 kind (Orbax writes one at a time per directory), and for host memory when the bytes in flight
 would exceed the host's RAM; the rest is written in the background, in order, at the host's
@@ -181,7 +181,7 @@ def simulate(run: Run, a: Assumptions, policy: Policy) -> dict:
                    (policy.every_minutes and t - last_save >= 60 * policy.every_minutes))
     due = last or by_interval or (epoch_done and (
         policy.epoch_state == "always" or
-        (policy.epoch_state == "when_idle" and host.last.get("state", 0.0) <= t)))
+        (policy.epoch_state == "when_idle" and host.free_at <= t)))
     if due:
       wait = host.save(t, "state", run.full_state_bytes * share, policy.async_save)
       saves["full_state"] += 1
