@@ -47,10 +47,10 @@ class Assumptions:
   the PCIe figure Orbax's performance guide gives for a TPU.
   source_bytes_per_param: the pretrained weights' format, 2 (bf16/fp16 safetensors, as LLaMA is
   released); 0 for a run from random init.
-  dev_prompts: LIMA's dev set, 50 prompts (the paper, section 2); 0 for a run without one.
-  dev_tokens: mean tokens of a dev example, for the dev loss.
-  prompt_tokens: the padded prompt length of a generation batch (LIMA's dev prompts are short:
-  36 tokens on average in the paper's table 1; the batch pads to a power of two).
+  dev_prompts: LIMA's development set, 50 examples (the paper's table 1); 0 for a run without.
+  dev_tokens: mean tokens of a dev example, for the dev loss (the training set's mean, 750).
+  prompt_tokens: the padded prompt length of a generation batch: LIMA's dev prompts are short
+  questions, and a batch pads its longest prompt to a power of two (lima_jax.decoding).
   """
   read_Bps: float = 2 * GB
   write_Bps: float = 1 * GB
