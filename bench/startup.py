@@ -65,7 +65,7 @@ def measure(epochs: int) -> dict:
       s.dev.evaluate(s.trainer, state["params"])
       s.generations.at_epoch_end(s.plan.epoch_of(step - 1) + 1, step, state["params"])
       lap("epoch_end_eval_generate")
-      if step == s.total_steps or loop._epoch_state_due(cfg, ckpts, s.generations):  # pylint: disable=protected-access
+      if step == s.total_steps or loop.epoch_state_due(cfg, ckpts, s.generations):
         ckpts.save(step, state, dict(s.meta, step=step, epoch=step / s.plan.steps_per_epoch))
       lap("checkpoints")
     ckpts.close()

@@ -102,7 +102,8 @@ def train_steps(setup, cfg, state, steps: range, ckpts, reporter) -> Outcome:
         epoch_loss = [0.0, 0.0]
       last = done == steps.stop
       interval = bool(stop.signal_name) or cadence.due(done)
-      if last or interval or (epoch_done and _epoch_state_due(cfg, ckpts, setup.generations)):
+      state_due = epoch_done and epoch_state_due(cfg, ckpts, setup.generations)
+      if last or interval or state_due:
         ckpts.save(done, state, dict(setup.meta, step=done,
                                      epoch=done / setup.plan.steps_per_epoch),
                    interval=not (epoch_done or last))
@@ -114,7 +115,7 @@ def train_steps(setup, cfg, state, steps: range, ckpts, reporter) -> Outcome:
   return Outcome(record, None)
 
 
-def _epoch_state_due(cfg, ckpts, exports=None) -> bool:
+def epoch_state_due(cfg, ckpts, exports=None) -> bool:
   """Whether an epoch end writes the full train state (checkpoint.epoch_state). when_idle: only
   if storage is idle, the selection params `exports` (an EpochGenerations) included: those
   must be written, so a full state never competes with them for bandwidth."""

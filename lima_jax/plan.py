@@ -7,9 +7,10 @@ Builds the real train step (the trainer's model, optimizer, shardings and packed
 abstract inputs on a fake CPU mesh of the topology's device count, AOT-compiles it and reads XLA's
 memory analysis: nothing the size of the model is ever allocated. Reports the step count, the LR at
 each epoch's end, the dropout rate per layer, bytes per device against the chip's HBM and the
-compute time at a stated MFU, and the whole run's wall time beside it (`lima_jax.wall_time`: weight
-loading, compiling, epoch-end dev loss and generations, checkpoint writes). Exit status 0 when the run fits, 1 when it does not (with what to
-change), 2 for bad input. `--config.KEY=VALUE` overrides work as in `lima_jax.train`.
+compute time at a stated MFU, and the whole run's wall time beside it (`lima_jax.wall_time`:
+weight loading, compiling, epoch-end dev loss and generations, checkpoint writes). Exit status 0
+when the run fits, 1 when it does not (with what to change), 2 for bad input.
+`--config.KEY=VALUE` overrides work as in `lima_jax.train`.
 """
 
 import json
@@ -111,12 +112,13 @@ def plan_run(cfg, topo: topology.Topology, *, num_examples: int | None = None,
       trainer.eval_step.lower(trainer.abstract_state["params"],
                               _abstract_batch(trainer, layout)).compile()
       compile_s = step_compile_s + 2 * (time.perf_counter() - started)
-    dev_rows = assume.dev_prompts * min(assume.dev_tokens, cfg.data.max_length) / cfg.data.max_length
+    length = cfg.data.max_length
+    dev_rows = assume.dev_prompts * min(assume.dev_tokens, length) / length
     times = wall_time.wall_time(
         wall_time.run_of_plan(
             cfg, topo, trainer, steps_per_epoch=epochs.steps_per_epoch, step_s=step_s,
             flops_per_s=topo.devices * topo.peak_flops * mfu, compile_s=compile_s,
-            dev_loss_flops=_model_flops(trainer, dev_rows, cfg.data.max_length) / 3,
+            dev_loss_flops=_model_flops(trainer, dev_rows, length) / 3,
             batch_ways=sharding.batch_ways(mesh), a=assume),
         assume, wall_time.Policy.from_config(cfg))
   return {
@@ -332,7 +334,8 @@ def render_wall_time(report: dict) -> list[str]:
   lines = [f"  wall time {w['total_s'] / 60:.1f} min in all, {100 * w['non_compute_share']:.0f}% "
            "of it besides the steps (assumptions: --read_gb_per_s, --write_gb_per_s, ...)"]
   for key, name in names.items():
-    lines.append(f"    {name:<11}{w[key]:8.0f} s {100 * w[key] / w['total_s']:4.0f}%  ({notes[key]})")
+    share = 100 * w[key] / w["total_s"]
+    lines.append(f"    {name:<11}{w[key]:8.0f} s {share:4.0f}%  ({notes[key]})")
   return lines
 
 

@@ -215,8 +215,8 @@ def _nbytes(tree) -> int:
   return sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def run_of_plan(cfg, topo, trainer, *, steps_per_epoch: int, step_s: float, flops_per_s: float, compile_s: float,
-                dev_loss_flops: float, batch_ways: int, a: Assumptions) -> Run:
+def run_of_plan(cfg, topo, trainer, *, steps_per_epoch: int, step_s: float, flops_per_s: float,
+                compile_s: float, dev_loss_flops: float, batch_ways: int, a: Assumptions) -> Run:
   """The `Run` of a planned training run: sizes from the trainer's abstract state."""
   state = trainer.abstract_state
   m = trainer.model_cfg

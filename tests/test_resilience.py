@@ -178,13 +178,13 @@ def test_an_epoch_end_skips_the_full_state_while_the_last_one_is_being_written(t
     # 256 MB: its background write takes far longer than the next call.
     ckpts.save(1, {"w": jnp.zeros((64, 1024, 1024), jnp.float32)}, {})
     assert ckpts.writing()
-    assert not loop._epoch_state_due(cfg, ckpts)  # pylint: disable=protected-access
+    assert not loop.epoch_state_due(cfg, ckpts)
     cfg.checkpoint.epoch_state = "always"
-    assert loop._epoch_state_due(cfg, ckpts)  # pylint: disable=protected-access
+    assert loop.epoch_state_due(cfg, ckpts)
     ckpts.wait()
     assert not ckpts.writing()
     cfg.checkpoint.epoch_state = "when_idle"
-    assert loop._epoch_state_due(cfg, ckpts)  # pylint: disable=protected-access
+    assert loop.epoch_state_due(cfg, ckpts)
   finally:
     ckpts.close()
 
