@@ -317,7 +317,8 @@ def render_wall_time(report: dict) -> list[str]:
   saves = d["saves"]
   notes = {
       "weights_load_s": (f"{report['params'] * a['source_bytes_per_param'] / 1e9:,.0f} GB of "
-                         f"weights over {a['hosts']} hosts at {a['read_gb_per_s']:g} GB/s each"
+                         f"weights over {a['hosts']} host{'s' if a['hosts'] > 1 else ''} at "
+                         f"{a['read_gb_per_s']:g} GB/s each"
                          if a["source_bytes_per_param"] else "random init: nothing to read"),
       "compile_s": "train step, eval step, decode loop",
       "steps_s": f"{report['total_steps']} steps at {100 * report['mfu']:.0f}% MFU",
