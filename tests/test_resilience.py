@@ -105,9 +105,9 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(reference, tmp_p
   workdir = str(tmp_path)
   cfg = cli_config()
   cfg.train.stop_after_steps = 12
-  # Epoch 9's state written even though interval 8's may still be writing (when_idle would skip
-  # it, and then no older checkpoint would be left to fall back to).
-  cfg.checkpoint.epoch_state = "always"
+  # Something to fall back to: epoch 9's state written even though interval 8's may still be
+  # writing (when_idle could skip it), and kept beside step 12's (max_to_keep=1 keeps the newest).
+  cfg.checkpoint.epoch_state, cfg.checkpoint.max_to_keep = "always", 2
   train.run(cfg, workdir)  # epoch checkpoint 9, interval checkpoints up to 12
   ckpt_dir = os.path.join(workdir, "checkpoints")
   newest = max(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
