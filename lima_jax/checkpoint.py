@@ -10,7 +10,10 @@ skipped on restore, with a warning, in favour of the one before it.
 """
 
 from absl import logging
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from etils import epath
 
 from lima_jax.errors import LimaError
@@ -82,6 +85,14 @@ class Checkpoints:
     self._in_save = False
     if interval:
       self._interval_steps.add(step)
+
+  def writing(self) -> bool:
+    """Whether the last save is still being written. Every process gets the same answer (any
+    process still writing counts), so they all save, or all skip, together."""
+    busy = self._manager.is_saving_in_progress()
+    if jax.process_count() > 1:
+      busy = bool(np.any(multihost_utils.process_allgather(np.asarray(busy))))
+    return busy
 
   def _prune(self) -> None:
     steps = sorted(self.all_steps())

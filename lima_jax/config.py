@@ -11,13 +11,14 @@ from importlib import resources
 
 import ml_collections
 
+from lima_jax.attention import KERNELS as ATTENTION_KERNELS
 from lima_jax.errors import LimaError
 
 REMAT_POLICIES = ("none", "full", "save_dots")
-ATTENTION_KERNELS = ("auto", "xla", "splash", "cudnn")
 DTYPES = ("float32", "bfloat16")
 CHAT_FORMATS = ("lima", "template")  # lima_jax.data.FORMATS
 ROPE_SCALING_TYPES = ("default", "linear", "llama3")  # lima_jax.model.rope_frequencies
+EPOCH_STATE = ("when_idle", "always", "never")
 
 
 def sample_data(name: str) -> str:
@@ -110,8 +111,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.cpu_devices = 0  # >0: pretend the CPU has this many devices (sharded runs on one host)
 
   c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.max_to_keep = 2  # newest full checkpoints kept for resuming; 0 = all
+  c.checkpoint.max_to_keep = 1  # newest full checkpoints kept for resuming; 0 = all
   c.checkpoint.async_save = True
+  # The full train state at an epoch end: when_idle = unless the previous one is still being
+  # written (the steps never wait for it), always, or never (then only at the last step,
+  # interval checkpoints and SIGTERM). The last step's state is always written.
+  c.checkpoint.epoch_state = "when_idle"
+  # Params of eval.generate_epochs, kept apart for choosing a checkpoint, in this dtype.
+  c.checkpoint.export_dtype = "float32"
   # For preemptible machines: also checkpoint every N steps / M minutes (0 = off); only the
   # newest of these interval checkpoints is kept.
   c.checkpoint.every_steps = 0
@@ -189,6 +196,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(c.checkpoint.max_to_keep >= 0, "checkpoint.max_to_keep", "must be >= 0 (0 = all)")
   _require(c.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0 (0 = off)")
   _require(c.checkpoint.every_minutes >= 0, "checkpoint.every_minutes", "must be >= 0 (0 = off)")
+  _require(c.checkpoint.epoch_state in EPOCH_STATE, "checkpoint.epoch_state",
+           f"must be one of {EPOCH_STATE}, got {c.checkpoint.epoch_state!r}")
+  _require(c.checkpoint.export_dtype in DTYPES, "checkpoint.export_dtype",
+           f"must be one of {DTYPES}, got {c.checkpoint.export_dtype!r}")
   _require(c.train.max_bad_steps >= 0, "train.max_bad_steps", "must be >= 0")
   _require(c.train.loss_chunk_tokens >= 0, "train.loss_chunk_tokens",
            "must be >= 0 (0 = the whole sequence at once)")

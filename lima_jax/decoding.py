@@ -129,11 +129,22 @@ def prompt_bucket(length: int) -> int:
   return max(_MIN_BUCKET, 1 << (length - 1).bit_length())
 
 
+def decode_weights(params, compute_dtype):
+  """The params as the decode loop reads them: every weight in the compute dtype, cast once
+  before the loop (a decode step is bound by the bytes it reads: bf16 halves fp32's), and the
+  RMSNorm scales as stored. The model casts each weight to the compute dtype where it uses it
+  and the scales to fp32, so the tokens are the same."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: x if getattr(path[-1], "key", None) == "scale" else x.astype(compute_dtype),
+      params)
+
+
 class Generator:
   """Batched generation for one model on the training mesh (a `Trainer`'s graphdef and mesh)."""
 
   def __init__(self, trainer, eot_id: int, batch_size: int):
     self.graphdef, self.mesh, self.eot_id = trainer.graphdef, trainer.mesh, eot_id
+    self.compute_dtype = jnp.dtype(trainer.model_cfg.compute_dtype)
     ways = sharding.batch_ways(self.mesh)
     self.batch_size = -(-batch_size // ways) * ways  # whole rows on every batch shard
     self._constrain = sharding.Constrainer(self.mesh)
@@ -188,7 +199,7 @@ class Generator:
             put(limits, self._rows), put(row_ids, self._rows))
 
   def _generate(self, params, tokens, lengths, limits, row_ids, settings, *, max_new, greedy):
-    model = nnx.merge(self.graphdef, params)
+    model = nnx.merge(self.graphdef, decode_weights(params, self.compute_dtype))
     batch, prompt_len = tokens.shape
     pad = prompt_len - lengths
     slot_valid = jnp.arange(prompt_len + max_new)[None, :] >= pad[:, None]
