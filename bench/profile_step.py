@@ -90,7 +90,7 @@ def build(trainer, model_cfg, state, batch, dropout_top):
   def head_ce(x, head):
     # The model's own LM head (final norm stubbed out): fp32 logits over the padded vocabulary.
     stub = types.SimpleNamespace(cfg=cfg, final_norm=lambda y: y, lm_head=head, embed=None)
-    logits = model_lib.Llama._logits(stub, x)  # pylint: disable=protected-access
+    logits = model_lib.Llama.logits(stub, x)
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]))
   pieces["lm_head_ce"] = (jax.jit(jax.grad(head_ce, argnums=(0, 1))),
                           (x, params["lm_head"]))

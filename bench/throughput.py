@@ -25,32 +25,39 @@ MICRO_ROWS = 4
 
 class TorchReference:
   """transformers' LlamaForCausalLM (random init, SDPA attention) with torch AdamW on the
-  same shape and hyper-parameters; its loss is the mean over every target, as ours is."""
+  same shape and hyper-parameters; its loss is the mean over every target, as ours is.
 
-  def __init__(self, model_cfg, opt_cfg, batch):
+  fp32 weights; with `autocast` (e.g. torch.bfloat16) the forward and backward run in that
+  dtype, as ours do with model.compute_dtype. `device`: 'cpu' or 'cuda'."""
+
+  def __init__(self, model_cfg, opt_cfg, batch, *, device: str = "cpu", autocast=None):
     import torch  # pylint: disable=import-outside-toplevel
     import transformers  # pylint: disable=import-outside-toplevel
-    torch.set_num_threads(os.cpu_count())
+    if device == "cpu":
+      torch.set_num_threads(os.cpu_count())
     torch.manual_seed(0)
     hf_cfg = transformers.LlamaConfig(
         vocab_size=model_cfg.vocab_size, hidden_size=model_cfg.d_model,
         intermediate_size=model_cfg.ffn_dim, num_hidden_layers=model_cfg.n_layers,
         num_attention_heads=model_cfg.n_heads, num_key_value_heads=model_cfg.n_kv_heads,
-        max_position_embeddings=LENGTH, rms_norm_eps=model_cfg.norm_eps,
+        max_position_embeddings=batch["tokens"].shape[-1], rms_norm_eps=model_cfg.norm_eps,
         rope_theta=model_cfg.rope_theta, tie_word_embeddings=False)
     self.model = transformers.LlamaForCausalLM._from_config(  # pylint: disable=protected-access
-        hf_cfg, attn_implementation="sdpa", dtype=torch.float32)
+        hf_cfg, attn_implementation="sdpa", dtype=torch.float32).to(device)
     self.model.train()
     self.opt = torch.optim.AdamW(self.model.parameters(), lr=opt_cfg.learning_rate,
                                  betas=(opt_cfg.b1, opt_cfg.b2), eps=opt_cfg.eps,
                                  weight_decay=opt_cfg.weight_decay)
-    self.tokens = torch.from_numpy(batch["tokens"][0]).long()  # the one micro-batch
-    self.targets = torch.from_numpy(batch["targets"][0]).long()
-    self.torch = torch
+    self.tokens = torch.from_numpy(batch["tokens"][0]).long().to(device)  # the one micro-batch
+    self.targets = torch.from_numpy(batch["targets"][0]).long().to(device)
+    self.torch, self.device, self.autocast = torch, device, autocast
 
   def step(self) -> float:
-    logits = self.model(input_ids=self.tokens).logits
-    loss = self.torch.nn.functional.cross_entropy(logits.flatten(0, 1), self.targets.flatten())
+    """One optimizer step; returns its loss (reading it waits for the device)."""
+    with self.torch.autocast(self.device, dtype=self.autocast, enabled=self.autocast is not None):
+      logits = self.model(input_ids=self.tokens).logits
+      loss = self.torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(),
+                                                    self.targets.flatten())
     loss.backward()
     self.opt.step()
     self.opt.zero_grad(set_to_none=True)

@@ -48,15 +48,7 @@ def get_config():
   c.optimizer.learning_rate = 5e-5
   c.optimizer.end_learning_rate = 5e-6
 
-  # SmolLM2-135M (the GGUF's metadata); `init_from` is checked against them.
-  c.model.d_model = 576
-  c.model.n_layers = 30
-  c.model.n_heads = 9
-  c.model.n_kv_heads = 3
-  c.model.ffn_dim = 1536
-  c.model.rope_theta = 100_000.0
-  c.model.norm_eps = 1e-5
-  c.model.tie_embeddings = True
+  # The model's shape (30 layers, d 576, 9 / 3 heads, ...) comes from init_from's metadata.
   c.model.residual_dropout_top = 0.0
   c.model.param_dtype = "float32"
   c.model.compute_dtype = "float32"

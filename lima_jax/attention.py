@@ -18,13 +18,15 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
 from lima_jax import sharding
-from lima_jax.config import ATTENTION_KERNELS
 from lima_jax.errors import LimaError
 
 # Tests only: the splash path run by the Pallas interpreter, so CPU checks the very code TPU runs
 # (layout, scaling, GQA, segment ids, shard_map). config.validate does not accept it.
 INTERPRETED_SPLASH = "splash_interpret"
 
+# model.attention's values; defined here, beside the kernels, so the model imports no config code
+# (ml_collections), as on machines that only run the model.
+KERNELS = ("auto", "xla", "splash", "cudnn")
 _AUTO = {"tpu": "splash", "gpu": "cudnn"}  # any other platform: xla
 _NEEDS = {"splash": ("tpu", "the Pallas splash kernel"), "cudnn": ("gpu", "cuDNN flash attention")}
 
@@ -38,8 +40,8 @@ def resolve(requested: str, platform_name: str, compute_dtype: str) -> str:
   """The kernel `model.attention=requested` runs on `platform_name`; LimaError if it cannot."""
   if requested == INTERPRETED_SPLASH:
     return requested
-  if requested not in ATTENTION_KERNELS:
-    raise LimaError(f"model.attention={requested!r}: must be one of {ATTENTION_KERNELS}")
+  if requested not in KERNELS:
+    raise LimaError(f"model.attention={requested!r}: must be one of {KERNELS}")
   if requested == "auto":
     kernel = _AUTO.get(platform_name, "xla")
     # cuDNN's flash attention has bf16/fp16 kernels only: fp32 compute keeps XLA's.

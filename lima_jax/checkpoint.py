@@ -10,7 +10,10 @@ skipped on restore, with a warning, in favour of the one before it.
 """
 
 from absl import logging
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from etils import epath
 
 from lima_jax.errors import LimaError
@@ -42,6 +45,7 @@ class Checkpoints:
     # Retention is ours, not Orbax's: the newest `max_to_keep` epoch checkpoints, plus interval
     # checkpoints (for preemptible machines) only until a newer checkpoint is safely on disk.
     self._max_to_keep = max_to_keep
+    self._writing, self._in_save = None, False  # the step of the newest save, and if in the call
     self._interval_steps = {s for s in self.all_steps() if self._is_interval(s)}
 
   def _is_interval(self, step: int) -> bool:
@@ -56,6 +60,13 @@ class Checkpoints:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
+  def newest_complete_step(self) -> int | None:
+    """The newest checkpoint whose write has finished; safe to ask from a signal handler that
+    interrupted `save`."""
+    written = not self._in_save and not self._manager.is_saving_in_progress()
+    steps = [s for s in self.all_steps() if s != self._writing or written]
+    return max(steps) if steps else None
+
   def save(self, step: int, state, meta: dict, *, interval: bool = False) -> None:
     """Starts an asynchronous save; training goes on while it is written.
 
@@ -67,11 +78,21 @@ class Checkpoints:
     if step in self.all_steps():  # a damaged checkpoint that the restore skipped
       self._manager.delete(step)
       self._interval_steps.discard(step)
+    self._writing, self._in_save = step, True
     self._manager.save(step, force=True, args=ocp.args.Composite(
         **{STATE: ocp.args.StandardSave(state),
            META: ocp.args.JsonSave(dict(meta, kind="interval" if interval else "epoch"))}))
+    self._in_save = False
     if interval:
       self._interval_steps.add(step)
+
+  def writing(self) -> bool:
+    """Whether the last save is still being written. Every process gets the same answer (any
+    process still writing counts), so they all save, or all skip, together."""
+    busy = self._manager.is_saving_in_progress()
+    if jax.process_count() > 1:
+      busy = bool(np.any(multihost_utils.process_allgather(np.asarray(busy))))
+    return busy
 
   def _prune(self) -> None:
     steps = sorted(self.all_steps())
@@ -88,6 +109,12 @@ class Checkpoints:
   def read_meta(self, step: int) -> dict:
     restored = self._manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
     return restored[META]
+
+  def state_metadata(self, step: int):
+    """The state's tree of Orbax array metadata (shape, dtype, sharding) at `step`, nothing
+    restored. Read through the manager: a bare Checkpointer pointed at `<step>/state` looks for
+    the step's _CHECKPOINT_METADATA file inside it and warns "Metadata file does not exist"."""
+    return self._manager.item_metadata(step)[STATE].tree
 
   def restore(self, step: int, abstract_state):
     """Restores onto the shardings given by `abstract_state` (ShapeDtypeStructs)."""
@@ -145,3 +172,34 @@ def check_same_model(meta: dict, model_fields: dict, where: str) -> None:
     if key in saved and saved[key] != value:
       raise LimaError(f"{where}: holds a checkpoint with model.{key}={saved[key]!r}, but the "
                       f"config says {value!r}; use a fresh --workdir or the same model config")
+
+
+# What fixes the step count and the LR of every step: a run resumed with other values would
+# continue on another schedule from the middle of its own (the LR jumps). train.stop_after_steps
+# is not here: it ends a run early without changing its schedule.
+SCHEDULE_KEYS = ("train.epochs", "train.batch_size", "optimizer.learning_rate",
+                 "optimizer.end_learning_rate", "optimizer.warmup_steps")
+
+
+def check_same_schedule(meta: dict, current: dict, where: str) -> None:
+  """Refuses to resume a workdir whose checkpoints were trained on another step count or LR
+  schedule. `meta` is a checkpoint's metadata, `current` the metadata the run would write
+  (both hold `config`, `steps_per_epoch`, `total_steps`)."""
+  def value(m, key):
+    section, name = key.split(".")
+    return m.get("config", {}).get(section, {}).get(name)
+
+  changed = [(key, value(meta, key), value(current, key)) for key in SCHEDULE_KEYS
+             if value(meta, key) is not None and value(meta, key) != value(current, key)]
+  saved_steps = meta.get("steps_per_epoch")
+  if not changed and saved_steps is not None and saved_steps != current["steps_per_epoch"]:
+    # Same batch size, so the training data holds another number of examples.
+    changed = [("data.train_path's steps per epoch", saved_steps, current["steps_per_epoch"])]
+  if changed:
+    was = ", ".join(f"{key}={old}" for key, old, _ in changed)
+    now = ", ".join(f"{key}={new}" for key, _, new in changed)
+    raise LimaError(
+        f"{where}: holds a run trained with {was}, but the config says {now}, which would change "
+        f"its step count or learning-rate schedule mid-run; rerun with the workdir's values, or "
+        f"train further in a fresh --workdir with --config.init_from={where} (its newest "
+        "checkpoint's params)")

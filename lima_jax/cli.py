@@ -17,6 +17,11 @@ def fail(message: str) -> None:
   sys.exit(2)
 
 
+def summary(doc: str) -> str:
+  """A module docstring's first paragraph as one line: the description under --help."""
+  return " ".join(doc.split("\n\n")[0].split())
+
+
 class ArgumentParser(argparse.ArgumentParser):
   """argparse whose usage errors are one line, like every other error of ours."""
 

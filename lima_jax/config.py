@@ -11,11 +11,14 @@ from importlib import resources
 
 import ml_collections
 
+from lima_jax.attention import KERNELS as ATTENTION_KERNELS
 from lima_jax.errors import LimaError
 
 REMAT_POLICIES = ("none", "full", "save_dots")
-ATTENTION_KERNELS = ("auto", "xla", "splash", "cudnn")
 DTYPES = ("float32", "bfloat16")
+CHAT_FORMATS = ("lima", "template")  # lima_jax.data.FORMATS
+ROPE_SCALING_TYPES = ("default", "linear", "llama3")  # lima_jax.model.rope_frequencies
+EPOCH_STATE = ("when_idle", "always", "never")
 
 
 def sample_data(name: str) -> str:
@@ -42,7 +45,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.train_path = ""
   c.data.dev_path = ""
-  c.data.tokenizer_path = ""
+  c.data.tokenizer_path = ""  # a tokenizer file or model dir; "" = the one init_from carries
+  c.data.eot_token = ""  # an existing special token as EOT (e.g. <|eot_id|>); "" = a new token
+  c.data.chat_format = "lima"  # lima (BOS, each utterance + EOT) or template (the model's own)
   c.data.max_length = 2048  # LIMA trims texts to 2048 tokens
   c.data.train_on_prompt = False  # loss on assistant tokens (+ their EOT) only
   c.data.rows_per_step = 0  # packed rows per step; 0 = the fewest that fit every step of the run
@@ -58,6 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
   # sums their gradients. 0 = one row per batch shard (least padding and activation memory);
   # -1 = a step's rows all at once (no accumulation; every step gets the worst step's rows).
   c.train.micro_batch_rows = 0
+  # Sequence positions whose logits the loss computes at once (recomputed in the backward pass),
+  # so a step never holds a micro-batch's [rows, length, vocabulary] fp32 logits; 0 = all at once.
+  c.train.loss_chunk_tokens = 0
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 1e-5
@@ -76,6 +84,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.n_kv_heads = 32
   c.model.ffn_dim = 11008
   c.model.rope_theta = 10_000.0
+  # RoPE scaling (lima_jax.model.rope_frequencies): default (none), linear, or llama3 (LLaMA-3.1's
+  # factor 8, low 1, high 4, original 8192). With init_from, all of these come from the weights.
+  c.model.rope_scaling_type = "default"
+  c.model.rope_scaling_factor = 1.0
+  c.model.rope_scaling_low_freq_factor = 1.0
+  c.model.rope_scaling_high_freq_factor = 4.0
+  c.model.rope_scaling_original_max_position = 8192
   c.model.norm_eps = 1e-6
   c.model.tie_embeddings = False
   c.model.residual_dropout_top = 0.2
@@ -96,8 +111,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.cpu_devices = 0  # >0: pretend the CPU has this many devices (sharded runs on one host)
 
   c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.max_to_keep = 2  # newest full checkpoints kept for resuming; 0 = all
+  c.checkpoint.max_to_keep = 1  # newest full checkpoints kept for resuming; 0 = all
   c.checkpoint.async_save = True
+  # The full train state at an epoch end: when_idle = unless the previous one is still being
+  # written (the steps never wait for it), always, or never (then only at the last step,
+  # interval checkpoints and SIGTERM). The last step's state is always written.
+  c.checkpoint.epoch_state = "when_idle"
+  # Params of eval.generate_epochs, kept apart for choosing a checkpoint, in this dtype.
+  c.checkpoint.export_dtype = "float32"
   # For preemptible machines: also checkpoint every N steps / M minutes (0 = off); only the
   # newest of these interval checkpoints is kept.
   c.checkpoint.every_steps = 0
@@ -113,7 +134,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.generate = ml_collections.ConfigDict()  # the paper's decoding
   c.generate.temperature = 0.7
   c.generate.top_p = 0.9
-  c.generate.repetition_penalty = 1.2  # CTRL-style, over the prompt and the generation
+  c.generate.repetition_penalty = 1.2  # CTRL-style, over the tokens generated so far
+  # Also penalise the prompt's tokens (transformers' reading); the paper penalises "previously
+  # generated tokens" only, and on an instruct model the prompt penalty pushes answers off topic.
+  c.generate.penalize_prompt = False
   c.generate.max_tokens = 2048  # new tokens at most; prompt + answer also stay within max_length
   c.generate.greedy = False
   c.generate.seed = 0
@@ -129,8 +153,11 @@ def _require(ok: bool, key: str, message: str) -> None:
 def validate(c: ml_collections.ConfigDict) -> None:
   """Value checks the type system cannot do; each error names its key."""
   _require(c.seed >= 0, "seed", f"must be >= 0, got {c.seed}")
-  for key in ("train_path", "tokenizer_path"):
-    _require(bool(c.data[key]), f"data.{key}", "is empty; set it to a file path")
+  _require(bool(c.data.train_path), "data.train_path", "is empty; set it to a file path")
+  _require(bool(c.data.tokenizer_path or c.init_from), "data.tokenizer_path",
+           "is empty; set it to a tokenizer file or directory (or set init_from)")
+  _require(c.data.chat_format in CHAT_FORMATS, "data.chat_format",
+           f"must be one of {CHAT_FORMATS}, got {c.data.chat_format!r}")
   _require(c.data.max_length >= 2, "data.max_length", f"must be at least 2, got {c.data.max_length}")
   _require(c.data.rows_per_step >= 0, "data.rows_per_step", "must be >= 0 (0 = automatic)")
   _require(c.train.batch_size > 0, "train.batch_size", f"must be positive, got {c.train.batch_size}")
@@ -151,6 +178,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
            "the head dimension d_model / n_heads must be even for rotary embeddings")
   _require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads",
            f"{m.n_kv_heads} does not divide model.n_heads={m.n_heads}")
+  _require(m.rope_scaling_type in ROPE_SCALING_TYPES, "model.rope_scaling_type",
+           f"must be one of {ROPE_SCALING_TYPES}, got {m.rope_scaling_type!r}")
+  _require(m.rope_scaling_factor >= 1, "model.rope_scaling_factor",
+           f"must be >= 1, got {m.rope_scaling_factor}")
+  _require(0 < m.rope_scaling_low_freq_factor < m.rope_scaling_high_freq_factor,
+           "model.rope_scaling_low_freq_factor",
+           "must be positive and below model.rope_scaling_high_freq_factor")
+  _require(m.rope_scaling_original_max_position > 0, "model.rope_scaling_original_max_position",
+           "must be positive")
   _require(0 <= m.residual_dropout_top < 1, "model.residual_dropout_top", "must be in [0, 1)")
   _require(m.remat in REMAT_POLICIES, "model.remat", f"must be one of {REMAT_POLICIES}")
   _require(m.attention in ATTENTION_KERNELS, "model.attention",
@@ -161,7 +197,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(c.checkpoint.max_to_keep >= 0, "checkpoint.max_to_keep", "must be >= 0 (0 = all)")
   _require(c.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0 (0 = off)")
   _require(c.checkpoint.every_minutes >= 0, "checkpoint.every_minutes", "must be >= 0 (0 = off)")
+  _require(c.checkpoint.epoch_state in EPOCH_STATE, "checkpoint.epoch_state",
+           f"must be one of {EPOCH_STATE}, got {c.checkpoint.epoch_state!r}")
+  _require(c.checkpoint.export_dtype in DTYPES, "checkpoint.export_dtype",
+           f"must be one of {DTYPES}, got {c.checkpoint.export_dtype!r}")
   _require(c.train.max_bad_steps >= 0, "train.max_bad_steps", "must be >= 0")
+  _require(c.train.loss_chunk_tokens >= 0, "train.loss_chunk_tokens",
+           "must be >= 0 (0 = the whole sequence at once)")
   _require(c.train.micro_batch_rows >= -1, "train.micro_batch_rows",
            "must be a row count, 0 (one row per batch shard) or -1 (a step at once)")
   epochs = tuple(c.eval.generate_epochs)

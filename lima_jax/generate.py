@@ -1,5 +1,6 @@
 """`python -m lima_jax.generate`: answers to a prompts file from a run's params, decoded as in
-the paper (nucleus 0.9, temperature 0.7, repetition penalty 1.2, stop at EOT).
+the paper (nucleus 0.9, temperature 0.7, repetition penalty 1.2 on the generated tokens, stop
+at EOT).
 
   python -m lima_jax.generate --workdir=workdir/toy --epoch=5 \
       --prompts=lima_jax/sample_data/dev.jsonl --out=answers.jsonl
@@ -9,6 +10,7 @@ checkpoint; the decoding defaults are the run's `generate.*` config. Also here: 
 generations a training run writes at the end of each epoch of `eval.generate_epochs`.
 """
 
+import argparse
 import time
 
 import jax
@@ -18,7 +20,7 @@ import tqdm
 from absl import logging
 
 from lima_jax import config, run_files, sharding
-from lima_jax.cli import ArgumentParser, fail, quiet_logs
+from lima_jax.cli import ArgumentParser, fail, quiet_logs, summary
 from lima_jax.data import ChatTokenizer, prepared_dir
 from lima_jax.decoding import Decoding, Generator
 from lima_jax.errors import LimaError
@@ -43,10 +45,11 @@ class EpochGenerations:
                                   what="data.dev_path",
                                   skip_long=True)
     self.generator = Generator(trainer, tokenizer.eot_id, cfg.generate.batch_size)
-    # A full checkpoint is kept for every epoch unless max_to_keep is set: only then can the
-    # params of a selection epoch go missing, so only then are they exported.
-    self._params = (run_files.EpochParamsWriter(workdir, async_save=cfg.checkpoint.async_save)
-                    if cfg.checkpoint.max_to_keep else None)
+    # Full checkpoints are not kept per epoch (nor always written at one), so each selection
+    # epoch's params are exported on their own: a quarter of the full state's bytes in fp32.
+    self._params = (run_files.EpochParamsWriter(workdir, async_save=cfg.checkpoint.async_save,
+                                                dtype=cfg.checkpoint.export_dtype)
+                    if self.epochs else None)
 
   def at_epoch_end(self, epoch: int, step: int, params) -> None:
     if epoch not in self.epochs:
@@ -63,6 +66,10 @@ class EpochGenerations:
       write_jsonl(path, generation_records(self.prompts, ids, self.tokenizer))
       tqdm.tqdm.write(f"epoch {epoch}: {len(ids)} dev generations in {path} "
                       f"({time.perf_counter() - started:.1f}s)")
+
+  def writing(self) -> bool:
+    """Whether an epoch's params export is still being written."""
+    return self._params is not None and self._params.writing()
 
   def close(self) -> None:
     if self._params is not None:
@@ -83,11 +90,11 @@ def open_kept(kept: run_files.Kept):
   """(the params' Orbax source, their tokenizer): cheap, nothing restored yet."""
   from lima_jax.weights import pretrained  # pylint: disable=import-outside-toplevel
   source = pretrained.OrbaxParams(kept.directory, kept.number)
-  tokenizer_path = source.tokenizer()
-  if tokenizer_path is None:
+  tokenizer = source.tokenizer()
+  if tokenizer is None:
     raise LimaError(f"{kept.directory}: the tokenizer of checkpoint {kept.number} is missing "
-                    f"({kept.meta.get('config', {}).get('data', {}).get('tokenizer_path')})")
-  return source, ChatTokenizer(tokenizer_path)
+                    f"({source.tokenizer_path})")
+  return source, tokenizer
 
 
 def restore_kept(kept: run_files.Kept, source):
@@ -100,21 +107,40 @@ def restore_kept(kept: run_files.Kept, source):
   return trainer, source.restore(trainer.abstract_state["params"])
 
 
-_DECODING_FLAGS = {"temperature": float, "top_p": float, "repetition_penalty": float,
-                   "max_tokens": int, "seed": int, "batch_size": int}
+# Each flag's type and meaning; its default is the run's generate.<flag>.
+_DECODING_FLAGS = {
+    "temperature": (float, "sampling temperature (the paper: 0.7)"),
+    "top_p": (float, "nucleus sampling: draw from the likeliest tokens whose probabilities "
+                     "first reach this mass (the paper: 0.9)"),
+    "repetition_penalty": (float, "CTRL's penalty on tokens already generated: their positive "
+                                  "logits are divided by it, negative ones multiplied "
+                                  "(the paper: 1.2; 1.0 = none)"),
+    "max_tokens": (int, "new tokens per answer at most; prompt and answer also stay within the "
+                        "run's data.max_length"),
+    "seed": (int, "sampling seed; each prompt draws from its own key, so its answer does not "
+                  "depend on --batch_size"),
+    "batch_size": (int, "prompts decoded at once, rounded up to the mesh's batch shards"),
+    "penalize_prompt": (bool, "apply the repetition penalty to the prompt's tokens as well, as "
+                              "transformers does (the paper penalises previously generated "
+                              "tokens only)"),
+}
 
 
 def _parser() -> ArgumentParser:
-  parser = ArgumentParser(prog="python -m lima_jax.generate", description=__doc__.split("\n")[0])
+  parser = ArgumentParser(prog="python -m lima_jax.generate", description=summary(__doc__))
   parser.add_argument("--workdir", required=True, help="the training run's directory")
   which = parser.add_mutually_exclusive_group()
   which.add_argument("--epoch", type=int, help="params kept at the end of this epoch")
   which.add_argument("--step", type=int, help="the checkpoint of this step")
   parser.add_argument("--prompts", required=True, help="JSONL in the GAIR/lima format")
   parser.add_argument("--out", required=True, help="JSONL: prompt, generation, source per line")
-  for name, kind in _DECODING_FLAGS.items():
-    parser.add_argument(f"--{name}", type=kind, help="default: the run's generate.{name}")
-  parser.add_argument("--greedy", action="store_true", help="arg max instead of sampling")
+  for name, (kind, meaning) in _DECODING_FLAGS.items():
+    kwargs = (dict(action=argparse.BooleanOptionalAction) if kind is bool else
+              dict(type=kind, metavar=kind.__name__.upper()))
+    parser.add_argument(f"--{name}", help=f"{meaning}. Default: the run's generate.{name}",
+                        **kwargs)
+  parser.add_argument("--greedy", action="store_true",
+                      help="arg max (after the repetition penalty) instead of sampling")
   return parser
 
 

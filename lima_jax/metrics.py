@@ -19,7 +19,11 @@ class RunReporter:
       return
     os.makedirs(workdir, exist_ok=True)
     self._workdir = workdir
-    # Appending keeps the history of a resumed run in one file.
+    # Appending keeps the history of a resumed run in one file; rows past the step it resumes
+    # from (logged before the run was stopped, after its newest checkpoint) are dropped first,
+    # since the resumed run logs those steps again: each step has one row.
+    for name in ("metrics.jsonl", "epochs.jsonl"):
+      _drop_rows_after(os.path.join(workdir, name), initial_step)
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
     self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
     self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, unit="step",
@@ -59,3 +63,24 @@ class RunReporter:
     self._bar.close()
     self._tb.close()
     self._jsonl.close()
+
+
+def _drop_rows_after(path: str, step: int) -> None:
+  """Keeps the rows of a JSONL metrics file up to `step`, and drops a last line cut short by a
+  killed run; the file is replaced whole, so a kill meanwhile leaves the old one."""
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= step:
+        kept.append(line if line.endswith("\n") else line + "\n")
+    except (ValueError, KeyError, TypeError):
+      pass  # a line cut short when the process was killed mid-write
+  if kept == lines:
+    return
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    f.writelines(kept)
+  os.replace(path + ".tmp", path)

@@ -12,9 +12,12 @@ attention kernel (`lima_jax.attention`) is chosen by `attention` in the config a
 """
 
 import dataclasses
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lima_jax import attention
@@ -33,6 +36,13 @@ class LlamaConfig:
   n_kv_heads: int
   ffn_dim: int
   rope_theta: float = 10_000.0
+  # RoPE scaling for contexts past the pretraining length (see rope_frequencies): default (none),
+  # linear, or llama3 (LLaMA-3.1 and later). The factors are read only by the types that use them.
+  rope_scaling_type: str = "default"
+  rope_scaling_factor: float = 1.0
+  rope_scaling_low_freq_factor: float = 1.0
+  rope_scaling_high_freq_factor: float = 4.0
+  rope_scaling_original_max_position: int = 8192
   norm_eps: float = 1e-6
   tie_embeddings: bool = False
   residual_dropout_top: float = 0.0  # LIMA: 0.3 for 65B, 0.2 for smaller models
@@ -76,14 +86,44 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def apply_rope(x, positions, theta: float):
+@functools.lru_cache(maxsize=None)
+def rope_frequencies(cfg: LlamaConfig) -> np.ndarray:
+  """The rotary inverse frequencies, [head_dim / 2] fp32 radians per position.
+
+  default: theta^(-2i / head_dim) (RoFormer, as in LLaMA). linear: all of them divided by
+  rope_scaling_factor (positions interpolated). llama3 (LLaMA-3.1's long context): a frequency
+  whose wavelength exceeds original_max_position / low_freq_factor is divided by the factor, one
+  whose wavelength is under original_max_position / high_freq_factor is kept, and those between
+  are blended linearly in original_max_position / wavelength (Meta's `apply_scaling` in the
+  LLaMA-3.1 reference model; transformers' `_compute_llama3_parameters`). fp32 throughout, as
+  transformers computes them.
+  """
+  f32 = np.float32
+  inv_freq = f32(1) / (f32(cfg.rope_theta) ** (np.arange(0, cfg.head_dim, 2, dtype=f32)
+                                               / f32(cfg.head_dim)))
+  factor = f32(cfg.rope_scaling_factor)
+  if cfg.rope_scaling_type == "default":
+    return inv_freq
+  if cfg.rope_scaling_type == "linear":
+    return inv_freq / factor
+  if cfg.rope_scaling_type != "llama3":
+    raise ValueError(f"rope_scaling_type {cfg.rope_scaling_type!r}: not default, linear or llama3")
+  low, high = f32(cfg.rope_scaling_low_freq_factor), f32(cfg.rope_scaling_high_freq_factor)
+  original = f32(cfg.rope_scaling_original_max_position)
+  wavelength = f32(2 * math.pi) / inv_freq
+  smooth = (original / wavelength - low) / (high - low)
+  blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+  return np.where(wavelength < original / high, inv_freq,
+                  np.where(wavelength > original / low, inv_freq / factor, blended)).astype(f32)
+
+
+def apply_rope(x, positions, inv_freq: np.ndarray):
   """Rotary embedding in the rotate-half layout used by HF transformers.
 
   x: [batch, length, heads, head_dim]; positions: [batch, length], restarting at 0 for every
-  packed example so each one sees the positions it would see alone.
+  packed example so each one sees the positions it would see alone; inv_freq: [head_dim / 2]
+  from `rope_frequencies`.
   """
-  half = x.shape[-1] // 2
-  inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, half]
   cos = jnp.cos(angles)[:, :, None, :]
   sin = jnp.sin(angles)[:, :, None, :]
@@ -108,8 +148,8 @@ class Attention(nnx.Module):
     q = jnp.einsum("btd,dnh->btnh", x, self.wq[...].astype(dt))
     k = jnp.einsum("btd,dnh->btnh", x, self.wk[...].astype(dt))
     v = jnp.einsum("btd,dnh->btnh", x, self.wv[...].astype(dt))
-    return (apply_rope(q, positions, self.cfg.rope_theta),
-            apply_rope(k, positions, self.cfg.rope_theta), v)
+    inv_freq = rope_frequencies(self.cfg)
+    return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
   def _output(self, out):
     return jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(out.dtype))
@@ -233,6 +273,13 @@ class Llama(nnx.Module):
     dropout_key=None is evaluation: no dropout anywhere. With a key, layer l drops its sub-layer
     outputs at rate residual_dropout_top * l / (L - 1), with a key folded from l.
     """
+    return self.logits(self.hidden(tokens, positions, segment_ids, dropout_key=dropout_key,
+                                   constrain=constrain))
+
+  def hidden(self, tokens, positions, segment_ids, *, dropout_key=None,
+             constrain: Constrainer = NO_MESH):
+    """The top block's output [B, T, d_model] in the compute dtype, before the final norm:
+    `logits` of any slice of it along T gives those positions' logits (the chunked loss)."""
     cfg = self.cfg
     x = self._embed(tokens, constrain)
     attend = attention.attender(self.attention_kernel, segment_ids, constrain.mesh)
@@ -252,7 +299,7 @@ class Llama(nnx.Module):
     else:  # no stacked residual buffers to zero, fill and copy: faster steps, compile grows
       for index, state in enumerate(_unstack_layers(block_state, cfg.n_layers)):
         x, _ = layer(x, (state, rates[index], layer_ids[index]))
-    return self._logits(x)
+    return x
 
   def init_cache(self, batch: int, length: int) -> dict:
     """An empty KV cache of `length` slots per row: {'k', 'v'} of [layers, B, S, kv_heads, hd]."""
@@ -285,7 +332,7 @@ class Llama(nnx.Module):
       return (x, jax.tree.map(lambda c: constrain(c, names), cache)), None
 
     (x, cache), _ = jax.lax.scan(layer, (x, cache), (block_state, jnp.arange(self.cfg.n_layers)))
-    return self._logits(x), cache
+    return self.logits(x), cache
 
   def _embed(self, tokens, constrain):
     # Gather the table whole along 'embed' first: XLA cannot gather from an fsdp-split table
@@ -293,11 +340,13 @@ class Llama(nnx.Module):
     table = constrain(self.embed[...].astype(self.cfg.compute_dtype), ("vocab", "act_embed"))
     return constrain(table[tokens], ("batch", "length", "act_embed"))
 
-  def _logits(self, x):
+  def logits(self, x):
+    """Final norm and LM head: x [..., d_model] -> logits [..., padded_vocab] in fp32, the
+    padding columns -inf-like."""
     cfg = self.cfg
     x = self.final_norm(x)
     head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-    logits = jnp.einsum("btd,dv->btv", x, head.astype(cfg.compute_dtype),
+    logits = jnp.einsum("...d,dv->...v", x, head.astype(cfg.compute_dtype),
                         preferred_element_type=jnp.float32)
     is_real = jnp.arange(cfg.padded_vocab) < cfg.vocab_size
     return jnp.where(is_real, logits, jnp.finfo(jnp.float32).min)

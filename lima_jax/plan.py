@@ -7,12 +7,15 @@ Builds the real train step (the trainer's model, optimizer, shardings and packed
 abstract inputs on a fake CPU mesh of the topology's device count, AOT-compiles it and reads XLA's
 memory analysis: nothing the size of the model is ever allocated. Reports the step count, the LR at
 each epoch's end, the dropout rate per layer, bytes per device against the chip's HBM and the
-compute time at a stated MFU. Exit status 0 when the run fits, 1 when it does not (with what to
-change), 2 for bad input. `--config.KEY=VALUE` overrides work as in `lima_jax.train`.
+compute time at a stated MFU, and the whole run's wall time beside it (`lima_jax.wall_time`:
+weight loading, compiling, epoch-end dev loss and generations, checkpoint writes). Exit status 0
+when the run fits, 1 when it does not (with what to change), 2 for bad input.
+`--config.KEY=VALUE` overrides work as in `lima_jax.train`.
 """
 
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -21,7 +24,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from lima_jax import config, data, optim, sharding, topology, train
+from lima_jax import config, data, optim, sharding, topology, train, wall_time
 from lima_jax.cli import fail, quiet_logs, use_fake_cpu_devices
 from lima_jax.errors import LimaError
 from lima_jax.model import residual_dropout_rates
@@ -43,19 +46,51 @@ _VOCAB = flags.DEFINE_integer("vocab_size", 0, "Vocabulary with EOT. Default: fr
                               f"data.tokenizer_path when set, else {LLAMA_VOCAB:,} (LLaMA).")
 _MFU = flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the step time.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the report.")
+_DEFAULTS = wall_time.Assumptions()
+_READ = flags.DEFINE_float(
+    "read_gb_per_s", _DEFAULTS.read_Bps / 1e9, "Per-host read bandwidth from storage (GCS) in "
+    "GB/s, for the weights. Default: a cautious assumption (lima_jax/wall_time.py says why).")
+_WRITE = flags.DEFINE_float(
+    "write_gb_per_s", _DEFAULTS.write_Bps / 1e9, "Per-host write bandwidth to storage in GB/s, "
+    "for checkpoints. Default: a cautious assumption (lima_jax/wall_time.py says why).")
+_D2H = flags.DEFINE_float(
+    "d2h_gb_per_s", _DEFAULTS.d2h_Bps / 1e9, "Device-to-host copy per chip in GB/s, the "
+    "blocking part of an asynchronous save (Orbax's performance guide: 32 GB/s on TPU PCIe).")
+_SOURCE = flags.DEFINE_enum(
+    "source_dtype", "bfloat16", ["bfloat16", "float16", "float32", "none"],
+    "Dtype of the pretrained weights read at start-up (LLaMA is released in 16 bits); none: "
+    "random init, nothing to read.")
+_COMPILE = flags.DEFINE_float(
+    "compile_s", -1.0, "Seconds of compiling to assume; -1: what this plan measures, the XLA:CPU "
+    "compile of the train step plus twice the eval step's (eval and the decode loop).")
+_DEV = flags.DEFINE_integer("dev_prompts", _DEFAULTS.dev_prompts,
+                            "Dev prompts generated at each of eval.generate_epochs and scored "
+                            "every epoch (LIMA: 50); 0 = no dev set.")
 
 
 def plan_run(cfg, topo: topology.Topology, *, num_examples: int | None = None,
-             avg_tokens: int = LIMA_AVG_TOKENS, vocab_size: int = 0, mfu: float = 0.4) -> dict:
+             avg_tokens: int = LIMA_AVG_TOKENS, vocab_size: int = 0, mfu: float = 0.4,
+             assume: wall_time.Assumptions = wall_time.Assumptions(),
+             compile_s: float | None = None) -> dict:
   """Everything the report says, as one JSON-ready dict; raises LimaError for bad input.
+
+  `assume` and `compile_s` (None: measured here) feed the wall-time split, which is None on a
+  CPU topology (no peak FLOP/s or HBM bandwidth to time it by).
 
   Runs on the first `topo.devices` CPU devices of this process, which must have that many.
   """
   _validate(cfg)
   devices = _fake_devices(topo.devices)
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
-  tokenizer = data.ChatTokenizer(cfg.data.tokenizer_path) if cfg.data.tokenizer_path else None
-  vocab = vocab_size or (tokenizer.vocab_size if tokenizer else LLAMA_VOCAB)
+  source = _source(cfg)
+  rows = source[0]["vocab_size"] if source else 0
+  tokenizer = data.load_tokenizer(
+      cfg.data.tokenizer_path, eot_token=cfg.data.eot_token, chat_format=cfg.data.chat_format,
+      source_rows=rows) if cfg.data.tokenizer_path else None
+  if tokenizer or not source:
+    vocab = vocab_size or (tokenizer.vocab_size if tokenizer else LLAMA_VOCAB)
+  else:  # the source's rows, plus LIMA's new EOT unless one is named or ours already holds it
+    vocab = vocab_size or rows + (0 if source[1] or cfg.data.eot_token else 1)
   examples = None
   if num_examples is None and cfg.data.train_path:
     examples = _load_examples(cfg, tokenizer)
@@ -65,30 +100,52 @@ def plan_run(cfg, topo: topology.Topology, *, num_examples: int | None = None,
   epochs = data.EpochPlan(num_examples, cfg.train.batch_size, cfg.seed)
   total_steps = epochs.steps_per_epoch * cfg.train.epochs
   optimizer, schedule = optim.make_optimizer(cfg.optimizer, total_steps)
-  trainer = Trainer(train.model_config(cfg.model, vocab), optimizer, schedule, mesh, cfg.seed)
+  model_cfg = train.model_config(cfg.model, vocab, source and source[0],
+                                 pinned=train.pinned_model_keys(),
+                                 where=f"init_from {cfg.init_from}")
+  trainer = Trainer(model_cfg, optimizer, schedule, mesh, cfg.seed,
+                    loss_chunk_tokens=cfg.train.loss_chunk_tokens)
   layout, mean_rows, rows_source = _layout(cfg, examples, epochs, total_steps, mesh, avg_tokens)
 
   started = time.perf_counter()
   compiled = trainer.train_step.lower(trainer.abstract_state,
                                       _abstract_batch(trainer, layout)).compile()
-  compile_s = time.perf_counter() - started
+  step_compile_s = time.perf_counter() - started
   memory = compiled.memory_analysis()
   # Donated state: the outputs reuse the arguments' buffers (alias), so count them once.
   used = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
           + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
   flops = _model_flops(trainer, mean_rows, cfg.data.max_length)
   step_s = (flops / (topo.devices * topo.peak_flops * mfu)) if topo.peak_flops else None
+  times = None
+  if step_s is not None:
+    if compile_s is None:
+      started = time.perf_counter()
+      trainer.eval_step.lower(trainer.abstract_state["params"],
+                              _abstract_batch(trainer, layout)).compile()
+      compile_s = step_compile_s + 2 * (time.perf_counter() - started)
+    length = cfg.data.max_length
+    dev_rows = assume.dev_prompts * min(assume.dev_tokens, length) / length
+    times = wall_time.wall_time(
+        wall_time.run_of_plan(
+            cfg, topo, trainer, steps_per_epoch=epochs.steps_per_epoch, step_s=step_s,
+            flops_per_s=topo.devices * topo.peak_flops * mfu, compile_s=compile_s,
+            dev_loss_flops=_model_flops(trainer, dev_rows, length) / 3,
+            batch_ways=sharding.batch_ways(mesh), a=assume),
+        assume, wall_time.Policy.from_config(cfg))
   return {
       "topology": topo.name, "chip": topo.chip, "devices": topo.devices,
       "mesh": dict(mesh.shape), "remat": cfg.model.remat, "compute_dtype": cfg.model.compute_dtype,
       "params": trainer.num_params, "vocab_size": vocab,
+      "model": {k: getattr(model_cfg, k) for k in train.SHAPE_KEYS},
+      "loss_chunk_tokens": cfg.train.loss_chunk_tokens,
       "num_examples": num_examples, "batch_size": cfg.train.batch_size,
       "steps_per_epoch": epochs.steps_per_epoch, "epochs": cfg.train.epochs,
       "total_steps": total_steps,
-      "lr_at_epoch_end": [float(schedule((e + 1) * epochs.steps_per_epoch))
+      "lr_at_epoch_end": [float(schedule((e + 1) * epochs.steps_per_epoch - 1))  # last step's
                           for e in range(cfg.train.epochs)],
       "dropout_per_layer": [round(float(p), 6) for p in residual_dropout_rates(
-          cfg.model.n_layers, cfg.model.residual_dropout_top)],
+          model_cfg.n_layers, cfg.model.residual_dropout_top)],
       "rows_per_step": layout.micro_batches * layout.rows, "micro_batches": layout.micro_batches,
       "micro_batch_rows": layout.rows, "mean_rows_computed": mean_rows,
       "rows_source": rows_source, "max_length": cfg.data.max_length,
@@ -99,7 +156,13 @@ def plan_run(cfg, topo: topology.Topology, *, num_examples: int | None = None,
       "fits": used <= topo.hbm_bytes,
       "flops_per_step": flops, "mfu": mfu, "step_time_s": step_s,
       "compute_time_s": None if step_s is None else step_s * total_steps,
-      "compile_s": compile_s,
+      "compile_s": step_compile_s,
+      **(times or {"wall_time": None, "checkpoint_bytes": None}),
+      "assumptions": {"read_gb_per_s": assume.read_Bps / 1e9,
+                      "write_gb_per_s": assume.write_Bps / 1e9,
+                      "d2h_gb_per_s": assume.d2h_Bps / 1e9,
+                      "source_bytes_per_param": assume.source_bytes_per_param,
+                      "dev_prompts": assume.dev_prompts, "hosts": topo.hosts},
   }
 
 
@@ -112,6 +175,18 @@ def _validate(cfg) -> None:
   if cfg.data.train_path and not cfg.data.tokenizer_path:
     raise LimaError("data.tokenizer_path: is empty; planning from data.train_path needs the "
                     "tokenizer (or pass --num_examples)")
+
+
+def _source(cfg) -> tuple[dict, bool] | None:
+  """(fields, whether its rows hold EOT) of init_from, from an HF config.json alone (no weight
+  file needed), a Meta directory or one of ours; None without init_from."""
+  if not cfg.init_from:
+    return None
+  from lima_jax.weights import pretrained  # pylint: disable=import-outside-toplevel
+  if not os.path.isdir(cfg.init_from):
+    raise LimaError(f"init_from: {cfg.init_from}: no such directory")
+  fields, _, has_eot = pretrained.source_info(cfg.init_from, config_only=True)
+  return fields, has_eot
 
 
 def _fake_devices(count: int) -> list:
@@ -198,6 +273,19 @@ def advice(report: dict, cfg, topo: topology.Topology) -> list[str]:
   return tips
 
 
+def _shape(m: dict) -> str:
+  rope = f"RoPE theta {m['rope_theta']:g}"
+  if m["rope_scaling_type"] != "default":
+    rope += f", {m['rope_scaling_type']} scaling x{m['rope_scaling_factor']:g}"
+  if m["rope_scaling_type"] == "llama3":
+    rope += (f" (low {m['rope_scaling_low_freq_factor']:g}, high "
+             f"{m['rope_scaling_high_freq_factor']:g}, original "
+             f"{m['rope_scaling_original_max_position']:,})")
+  return (f"d_model {m['d_model']}, {m['n_layers']} layers, {m['n_heads']} heads / "
+          f"{m['n_kv_heads']} KV, FFN {m['ffn_dim']}, {rope}, norm eps {m['norm_eps']:g}"
+          + (", tied embeddings" if m["tie_embeddings"] else ""))
+
+
 def _bytes(n: float) -> str:
   return f"{n / topology.GIB:.2f} GiB" if n >= topology.GIB / 10 else f"{n / 2**20:.1f} MiB"
 
@@ -211,7 +299,10 @@ def render(report: dict, config_name: str) -> str:
       f"lima_jax plan: {config_name} on {report['topology']} ({report['devices']} x "
       f"{report['chip']}, {_bytes(report['hbm_bytes_per_device'])} each)",
       f"  model     {_count(report['params'])} params (vocabulary {report['vocab_size']:,} "
-      f"with EOT), remat {report['remat']}, compute {report['compute_dtype']}",
+      f"with EOT), remat {report['remat']}, compute {report['compute_dtype']}, loss "
+      + (f"{report['loss_chunk_tokens']:,} positions at a time" if report["loss_chunk_tokens"]
+         else "over whole rows"),
+      "  shape     " + _shape(report["model"]),
       "  mesh      " + " ".join(f"{k}={v}" for k, v in report["mesh"].items()),
       f"  steps     {report['num_examples']:,} examples, batch {report['batch_size']}: "
       f"{report['steps_per_epoch']} steps/epoch x {report['epochs']} epochs = "
@@ -219,7 +310,7 @@ def render(report: dict, config_name: str) -> str:
       f"  rows      up to {report['micro_batches']} micro-batches x "
       f"{report['micro_batch_rows']} packed rows x {report['max_length']} tokens per step, "
       f"{report['mean_rows_computed']:.1f} rows computed on average ({report['rows_source']})",
-      "  lr        at each epoch's end: "
+      "  lr        of each epoch's last step: "
       + ", ".join(f"{lr:.3g}" for lr in report["lr_at_epoch_end"]),
       f"  dropout   per layer ({len(report['dropout_per_layer'])} layers, bottom to top):",
   ]
@@ -239,12 +330,56 @@ def render(report: dict, config_name: str) -> str:
   if report["step_time_s"] is not None:
     compute += (f"; at {100 * report['mfu']:.0f}% MFU {report['step_time_s']:.2f} s per step, "
                 f"{report['compute_time_s'] / 60:.1f} min for {report['total_steps']} steps "
-                "(compute only: weight loading, compiling and checkpoints come on top)")
+                "(compute only; the whole run's wall time below)")
   lines.append(compute)
+  if report["wall_time"] is not None:
+    lines += render_wall_time(report)
   lines.append(f"  compiled  for {report['devices']} fake CPU devices in "
                f"{report['compile_s']:.1f} s (XLA:CPU's buffer assignment; a TPU compile may "
                "differ somewhat)")
   return "\n".join(lines)
+
+
+def _assumptions() -> wall_time.Assumptions:
+  for flag in (_READ, _WRITE, _D2H):
+    if flag.value <= 0:
+      raise LimaError(f"--{flag.name}: must be positive, got {flag.value}")
+  if _DEV.value < 0:
+    raise LimaError(f"--dev_prompts: must be >= 0, got {_DEV.value}")
+  source = 0.0 if _SOURCE.value == "none" else float(jax.numpy.dtype(_SOURCE.value).itemsize)
+  return wall_time.Assumptions(read_Bps=_READ.value * 1e9, write_Bps=_WRITE.value * 1e9,
+                               d2h_Bps=_D2H.value * 1e9, source_bytes_per_param=source,
+                               dev_prompts=_DEV.value)
+
+
+def render_wall_time(report: dict) -> list[str]:
+  """The wall-time split: each part in seconds and as a share of the whole."""
+  w, b, a = report["wall_time"], report["checkpoint_bytes"], report["assumptions"]
+  d = report["wall_time_detail"]
+  saves = d["saves"]
+  notes = {
+      "weights_load_s": (f"{report['params'] * a['source_bytes_per_param'] / 1e9:,.0f} GB of "
+                         f"weights over {a['hosts']} host{'s' if a['hosts'] > 1 else ''} at "
+                         f"{a['read_gb_per_s']:g} GB/s each"
+                         if a["source_bytes_per_param"] else "random init: nothing to read"),
+      "compile_s": "train step, eval step, decode loop",
+      "steps_s": f"{report['total_steps']} steps at {100 * report['mfu']:.0f}% MFU",
+      "epoch_end_s": (f"dev loss {d['dev_loss_s_per_epoch']:.1f} s per epoch; dev generations "
+                      f"{d['generations_s_per_epoch']:.0f} s per generating epoch, decode steps "
+                      f"of {1e3 * d['decode_step_s']:.1f} ms (HBM-bound)"),
+      "checkpoint_s": (f"waits only: {saves['full_state']} full states of "
+                       f"{b['full_state'] / 1e9:,.0f} GB, {saves['params_export']} params "
+                       f"exports of {b['params_export'] / 1e9:,.0f} GB, written at "
+                       f"{a['write_gb_per_s']:g} GB/s per host"),
+  }
+  names = {"weights_load_s": "load", "compile_s": "compile", "steps_s": "steps",
+           "epoch_end_s": "epoch end", "checkpoint_s": "checkpoint"}
+  lines = [f"  wall time {w['total_s'] / 60:.1f} min in all, {100 * w['non_compute_share']:.0f}% "
+           "of it besides the steps (assumptions: --read_gb_per_s, --write_gb_per_s, ...)"]
+  for key, name in names.items():
+    share = 100 * w[key] / w["total_s"]
+    lines.append(f"    {name:<11}{w[key]:8.0f} s {share:4.0f}%  ({notes[key]})")
+  return lines
 
 
 def main(argv) -> None:
@@ -253,9 +388,9 @@ def main(argv) -> None:
   quiet_logs()
   # The plan compiles for fake CPU devices even on a TPU host.
   jax.config.update("jax_platforms", "cpu")
+  cfg = train.load_config()  # first: --show_config needs no topology
   if not _TOPOLOGY.value:
     fail("--topology: required, e.g. --topology=v5p-32 (v4-N, v5e-N, v5p-N, v6e-N, cpu:N)")
-  cfg = train.load_config()
   name = config_flags.get_config_filename(flags.FLAGS["config"])
   try:
     topo = topology.parse(_TOPOLOGY.value)
@@ -267,7 +402,8 @@ def main(argv) -> None:
     if not 0 < _MFU.value <= 1:
       raise LimaError(f"--mfu: must be in (0, 1], got {_MFU.value}")
     report = plan_run(cfg, topo, num_examples=_NUM_EXAMPLES.value, avg_tokens=_AVG_TOKENS.value,
-                      vocab_size=_VOCAB.value, mfu=_MFU.value)
+                      vocab_size=_VOCAB.value, mfu=_MFU.value, assume=_assumptions(),
+                      compile_s=None if _COMPILE.value < 0 else _COMPILE.value)
     tips = [] if report["fits"] else advice(report, cfg, topo)
   except LimaError as e:
     fail(str(e))

@@ -4,7 +4,8 @@ Prompts come in the GAIR/lima format (`{"conversations": [...], "source": ...}`)
 validated like training data. A record ending with a user turn is a prompt as it stands (the
 test set's form); one ending with an assistant turn (a dev example) is prompted with everything
 before that answer, which is kept as the reference. Prompts are formatted exactly as in
-training: BOS, then every utterance followed by EOT.
+training (`ChatTokenizer.encode_prompt`: in the lima format BOS, then every utterance followed by
+EOT; in the template format the chat template with its generation prompt).
 """
 
 import dataclasses

@@ -1,8 +1,7 @@
 """Where a run keeps what choosing its checkpoint needs, and how to find it again.
 
   <workdir>/generations/epoch_<E>.jsonl  dev generations at the end of epoch E
-  <workdir>/epochs/<E>/{state,meta}      params of epoch E (Orbax), written when
-                                         checkpoint.max_to_keep may delete its full checkpoint
+  <workdir>/epochs/<E>/{state,meta}      params of epoch E (Orbax, in checkpoint.export_dtype)
   <workdir>/checkpoints/<step>/          the trainer's full checkpoints
   <workdir>/metrics.jsonl, epochs.jsonl  per-step and per-epoch metrics (`RunReporter`)
   <workdir>/chosen.json                  the epoch picked with `python -m lima_jax.select --choose`
@@ -13,6 +12,7 @@ import json
 import os
 import re
 
+import jax
 from etils import epath
 
 from lima_jax.checkpoint import Checkpoints
@@ -34,19 +34,32 @@ def generated_epochs(workdir: str) -> list[int]:
 
 
 class EpochParamsWriter:
-  """Params-only checkpoints numbered by epoch, beside the trainer's; made on first use."""
+  """Params-only checkpoints numbered by epoch, beside the trainer's; made on first use.
 
-  def __init__(self, workdir: str, *, async_save: bool):
+  `dtype` ('float32' or 'bfloat16') is the stored dtype; restoring casts back to the model's
+  param dtype. bf16 halves the bytes and loses nothing a bf16-compute generation sees: the
+  model casts every weight matrix to the compute dtype before use (norm scales, kept in fp32
+  compute, do round).
+  """
+
+  def __init__(self, workdir: str, *, async_save: bool, dtype: str = "float32"):
     self.directory = os.path.join(workdir, EPOCH_PARAMS)
     self._async = async_save
     self._ckpts = None
+    self._cast = jax.jit(lambda tree: jax.tree.map(lambda x: x.astype(dtype), tree))
+    self.dtype = dtype
 
   def save(self, epoch: int, params, meta: dict) -> None:
     if self._ckpts is None:
       self._ckpts = Checkpoints(self.directory, async_save=self._async)
     if epoch in self._ckpts.all_steps():
       return  # a resumed run repeats an epoch exactly: its params are already here
-    self._ckpts.save(epoch, {"params": params}, meta)
+    if any(x.dtype != self.dtype for x in jax.tree.leaves(params)):
+      params = self._cast(params)
+    self._ckpts.save(epoch, {"params": params}, dict(meta, export_dtype=self.dtype))
+
+  def writing(self) -> bool:
+    return self._ckpts is not None and self._ckpts.writing()
 
   def close(self) -> None:
     if self._ckpts is not None:

@@ -15,7 +15,7 @@ import os
 from etils import epath
 
 from lima_jax import report, run_files
-from lima_jax.cli import ArgumentParser, fail, quiet_logs
+from lima_jax.cli import ArgumentParser, fail, quiet_logs, summary
 from lima_jax.errors import LimaError
 from lima_jax.prompts import read_jsonl
 
@@ -60,24 +60,34 @@ def choose(workdir: str, epoch: int, out: str, fmt: str) -> dict:
     convert.export_hf(kept.directory, out, step=kept.number)
   else:
     _export_orbax(kept, out, f"{workdir} epoch {epoch}")
-  choice = {"epoch": epoch, "step": kept.step, "params": _where(kept), "export": out,
-            "format": fmt, "chosen_at": datetime.datetime.now().isoformat(timespec="seconds")}
+  choice = {"epoch": epoch, "step": kept.step, "params": _where(kept),
+            "export": _as_recorded(out, workdir), "format": fmt,
+            "chosen_at": datetime.datetime.now().isoformat(timespec="seconds")}
   run_files.write_choice(workdir, choice)
   return choice
 
 
-def _export_orbax(kept: run_files.Kept, out: str, source: str) -> None:
+def _as_recorded(path: str, workdir: str) -> str:
+  """A path as chosen.json records it: relative to the workdir (which holds chosen.json and the
+  report) when inside it, else absolute; never relative to where select happened to run."""
+  if "://" in path or "://" in workdir:
+    return path
+  path, root = os.path.abspath(path), os.path.abspath(workdir)
+  return os.path.relpath(path, root) if os.path.commonpath([path, root]) == root else path
+
+
+def _export_orbax(kept: run_files.Kept, out: str, description: str) -> None:
   # Imported here: loading params onto a mesh pulls in the whole model stack.
   from lima_jax import generate  # pylint: disable=import-outside-toplevel
   from lima_jax.weights import layout, pretrained  # pylint: disable=import-outside-toplevel
-  source, tokenizer = generate.open_kept(kept)
-  _, params = generate.restore_kept(kept, source)
-  fields = {k: kept.meta["model"][k] for k in layout.MODEL_KEYS}
-  pretrained.save(out, params, fields, tokenizer_path=tokenizer.path, extras={}, source=source)
+  params_source, tokenizer = generate.open_kept(kept)
+  _, params = generate.restore_kept(kept, params_source)
+  fields = layout.model_fields(kept.meta["model"])  # runs older than RoPE scaling: unscaled
+  pretrained.save(out, params, fields, tokenizer=tokenizer, extras={}, source=description)
 
 
 def _parser() -> ArgumentParser:
-  parser = ArgumentParser(prog="python -m lima_jax.select", description=__doc__.split("\n")[0])
+  parser = ArgumentParser(prog="python -m lima_jax.select", description=summary(__doc__))
   parser.add_argument("--workdir", required=True, help="the training run's directory")
   parser.add_argument("--choose", type=int, metavar="E", help="record epoch E and export it")
   parser.add_argument("--format", choices=("hf", "orbax"), default="hf",

@@ -12,10 +12,12 @@ checkpoint; the data order and dropout follow from the step, so the result is th
 import dataclasses
 import importlib.util
 import os
+import re
 import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
 from absl import app, flags
 from etils import epath
@@ -28,15 +30,62 @@ from lima_jax.errors import LimaError
 from lima_jax.metrics import RunReporter
 from lima_jax.model import LlamaConfig
 from lima_jax.train_state import Trainer
+from lima_jax.weights import layout
+from lima_jax.workdir_lock import WorkdirLock
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "configs", "toy.py")
 
 
+_OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")  # ml_collections' override syntax
+
+
+def _config_file(argv) -> str:
+  """The config file the command line names (the last --config wins, as in absl)."""
+  path = DEFAULT_CONFIG
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      path = arg.split("=", 1)[1]
+    elif arg == "--config" and i + 1 < len(argv):
+      path = argv[i + 1]
+  return path
+
+
+def _unknown_part(cfg, key: str) -> str | None:
+  """None when the dotted `key` names a field of `cfg`; else what is wrong ("" = no such key)."""
+  node, walked = cfg, []
+  for part in key.split("."):
+    if not isinstance(node, ml_collections.ConfigDict):
+      return f"{'.'.join(walked)} is a value, not a section"
+    if part not in node:
+      return ""
+    node, walked = node[part], walked + [part]
+  return None
+
+
 def _unknown_config_key(error: Exception) -> None:
-  key = str(error).strip("\"' ").split("'")[0]
-  given = [a.split("=")[0] for a in sys.argv[1:] if a.startswith("--config.")]
-  fail(f"{next((g for g in given if key in g.split('.')), key)}: no such config key")
+  """Names the override that matches no key, with ml_collections' "Did you mean" hint.
+
+  The key is found by walking the config file's own keys: ml_collections words its KeyError
+  differently across versions (1.1 nests it in an AttributeError), so only the hint line is
+  taken from its message, and kept when there is one.
+  """
+  path = _config_file(sys.argv[1:])
+  try:
+    cfg = config.from_file(path)
+  except Exception:  # pylint: disable=broad-except  # the file's own error is reported below
+    cfg = None
+  while error.args and isinstance(error.args[0], BaseException):
+    error = error.args[0]  # AttributeError(KeyError(message))
+  message = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+  hints = [line.strip() for line in message.splitlines()[1:] if "did you mean" in line.lower()]
+  for match in filter(None, map(_OVERRIDE.match, sys.argv[1:])):
+    why = None if cfg is None else _unknown_part(cfg, match.group(1))
+    if why is not None:
+      fail(" ".join([f"--config.{match.group(1)}: no such config key"
+                     f"{f': {why}' if why else ''}{'.' if hints else ''}", *hints,
+                     "(--show_config lists every key)"]))
+  fail(f"--config: {path}: {type(error).__name__}: {message}")
 
 
 def _define_config_flag():
@@ -52,14 +101,61 @@ def _define_config_flag():
 _CONFIG = _define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, logs); "
                                "local or gs://. Default: config.workdir or workdir/<config name>.")
+_SHOW_CONFIG = flags.DEFINE_boolean(
+    "show_config", False, "Print every key of the resolved config (the file with the "
+    "--config.* overrides applied) with its value, then exit without touching the workdir.")
 _MULTIHOST = flags.DEFINE_boolean(
     "multihost", None, "Join the other processes of a multi-host run (jax.distributed). "
     "Default: when JAX_COORDINATOR_ADDRESS is set or on a Cloud TPU VM.")
 
 
-def model_config(model_section, vocab_size: int) -> LlamaConfig:
+# The model's shape: with init_from these come from the weights, not from the config.
+SHAPE_KEYS = tuple(k for k in layout.MODEL_KEYS if k != "vocab_size")
+
+
+def model_config(model_section, vocab_size: int, source: dict | None = None, *,
+                 pinned=(), where: str = "init_from") -> LlamaConfig:
+  """The model of the config's `model` section with the tokenizer's vocabulary (EOT included).
+
+  With `source` (the fields of init_from's weights) the SHAPE_KEYS come from there and the
+  config's values yield, except those in `pinned` (given on the command line): one that
+  disagrees with the source raises LimaError naming every such key.
+  """
   fields = {f.name for f in dataclasses.fields(LlamaConfig)} - {"vocab_size"}
-  return LlamaConfig(vocab_size=vocab_size, **{k: model_section[k] for k in fields})
+  values = {k: model_section[k] for k in fields}
+  if source is not None:
+    wrong = [k for k in SHAPE_KEYS if k in pinned and model_section[k] != source[k]]
+    if wrong:
+      raise LimaError(
+          f"{', '.join(f'--config.model.{k}={model_section[k]!r}' for k in wrong)}: "
+          f"{where} holds {', '.join(f'{k}={source[k]!r}' for k in wrong)}; drop the "
+          f"flag{'s' if len(wrong) > 1 else ''} (with init_from the model's shape comes from "
+          "its weights)")
+    values.update({k: source[k] for k in SHAPE_KEYS})
+  return LlamaConfig(vocab_size=vocab_size, **values)
+
+
+def command_line_keys() -> set[str]:
+  """The keys set by --config.KEY=VALUE on this process's command line (none when the trainer is
+  called as a library)."""
+  if not flags.FLAGS.is_parsed():
+    return set()
+  return set(config_flags.get_override_values(flags.FLAGS["config"]))
+
+
+def pinned_model_keys() -> set[str]:
+  return {k.split(".", 1)[1] for k in command_line_keys() if k.startswith("model.")}
+
+
+def init_source(cfg):
+  """init_from's weights opened (an HF, Meta or lima_jax source: fields, extras, tensors), their
+  shapes checked and none of them read; None without init_from."""
+  if not cfg.init_from:
+    return None
+  if not epath.Path(cfg.init_from).exists():
+    raise LimaError(f"init_from: {cfg.init_from}: no such directory")
+  from lima_jax.weights import pretrained  # pylint: disable=import-outside-toplevel
+  return pretrained.open_source(cfg.init_from)
 
 
 def step_token_counts(examples, plan, steps):
@@ -126,9 +222,14 @@ def prepare(cfg, workdir: str) -> Setup:
     use_fake_cpu_devices(cfg.mesh.cpu_devices)
   use_compile_cache(cfg.train.compile_cache_dir)
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-  if cfg.init_from and not epath.Path(cfg.init_from).exists():
-    raise LimaError(f"init_from: {cfg.init_from}: no such directory")
-  tokenizer = data.ChatTokenizer(cfg.data.tokenizer_path)
+  # The weights' shape and vocabulary first: nothing is written for a source that cannot train.
+  source = init_source(cfg)
+  from lima_jax.weights import pretrained  # pylint: disable=import-outside-toplevel
+  tokenizer = pretrained.run_tokenizer(cfg.init_from, cfg.data.tokenizer_path,
+                                       eot_token=cfg.data.eot_token,
+                                       chat_format=cfg.data.chat_format, source=source)
+  model_cfg = model_config(cfg.model, tokenizer.vocab_size, source and source.fields,
+                           pinned=pinned_model_keys(), where=f"init_from {cfg.init_from}")
   load = dict(max_length=cfg.data.max_length, train_on_prompt=cfg.data.train_on_prompt,
               data_dir=data.prepared_dir(workdir, cfg.data.cache_dir))
   examples, dev_examples = process_0_first(lambda: (
@@ -138,12 +239,15 @@ def prepare(cfg, workdir: str) -> Setup:
 
   plan = data.EpochPlan(len(examples), cfg.train.batch_size, cfg.seed)
   total_steps = plan.steps_per_epoch * cfg.train.epochs
-  model_cfg = model_config(cfg.model, tokenizer.vocab_size)
   optimizer, schedule = optim.make_optimizer(cfg.optimizer, total_steps)
-  trainer = Trainer(model_cfg, optimizer, schedule, mesh, cfg.seed)
-  meta = {"config": cfg.to_dict(), "model": dataclasses.asdict(model_cfg),
-          "tokenizer_sha256": tokenizer.sha256, "steps_per_epoch": plan.steps_per_epoch,
-          "total_steps": total_steps}
+  trainer = Trainer(model_cfg, optimizer, schedule, mesh, cfg.seed,
+                    loss_chunk_tokens=cfg.train.loss_chunk_tokens)
+  recorded = cfg.to_dict()
+  recorded["model"].update({k: getattr(model_cfg, k) for k in SHAPE_KEYS})  # what ran
+  meta = {"config": recorded, "model": dataclasses.asdict(model_cfg),
+          "tokenizer_sha256": tokenizer.sha256, "tokenizer": tokenizer.meta(),
+          "steps_per_epoch": plan.steps_per_epoch, "total_steps": total_steps,
+          "hf": source.extras if source else {}}
   return Setup(
       tokenizer=tokenizer, examples=examples, plan=plan, total_steps=total_steps,
       dev=DevSet(dev_examples, cfg, mesh) if dev_examples else None,
@@ -188,16 +292,24 @@ def init_distributed(multihost: bool | None) -> None:
 
 
 def run(cfg, workdir: str) -> dict:
-  """Trains as `cfg` says; returns the last step's metrics (empty if there was nothing to do)."""
+  """Trains as `cfg` says; returns the last step's metrics (empty if there was nothing to do).
+
+  Raises LimaError for bad input or a workdir in use by another run.
+  """
   started = time.perf_counter()
   if "://" not in workdir:
     workdir = os.path.abspath(workdir)  # Orbax refuses relative checkpoint paths
   s = prepare(cfg, workdir)
+  with WorkdirLock(workdir):  # after prepare: taking it needs to know which process is 0
+    return _train(s, cfg, workdir, started)
+
+
+def _train(s: Setup, cfg, workdir: str, started: float) -> dict:
   ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"),
                                  max_to_keep=cfg.checkpoint.max_to_keep,
                                  async_save=cfg.checkpoint.async_save)
   try:
-    state, start = _restore_or_init(ckpts, s.trainer, cfg, s.meta, workdir)
+    state, start, epoch_loss = _restore_or_init(ckpts, s.trainer, cfg, s.meta, workdir)
   except BaseException:
     ckpts.close()
     raise
@@ -214,7 +326,7 @@ def run(cfg, workdir: str) -> dict:
         f"; set-up {time.perf_counter() - started:.1f}s", flush=True)
   reporter = RunReporter(workdir, total_steps=s.total_steps, initial_step=start)
   try:
-    outcome = loop.train_steps(s, cfg, state, range(start, end), ckpts, reporter)
+    outcome = loop.train_steps(s, cfg, state, range(start, end), ckpts, reporter, epoch_loss)
   finally:
     ckpts.close()
     s.generations.close()
@@ -227,24 +339,28 @@ def run(cfg, workdir: str) -> dict:
 
 
 def _restore_or_init(ckpts, trainer, cfg, meta, workdir):
-  """(state, step) from the newest readable checkpoint, or a fresh state at step 0."""
+  """(state, step, the epoch's loss sums so far) from the newest readable checkpoint, or a fresh
+  state at step 0."""
   def same_run(saved):
     checkpoint.check_same_model(saved, meta["model"], workdir)
+    checkpoint.check_same_schedule(saved, meta, workdir)
     if saved.get("tokenizer_sha256") != meta["tokenizer_sha256"]:
       raise LimaError(f"data.tokenizer_path: {cfg.data.tokenizer_path} differs from the "
                       f"tokenizer the checkpoints in {workdir} were trained with")
 
   restored = ckpts.restore_newest(trainer.abstract_state, check_meta=same_run)
   if restored is not None:
-    state, step, _ = restored
-    return state, step
+    state, step, saved = restored
+    return state, step, tuple(saved.get(loop.EPOCH_LOSS, (0.0, 0.0)))
   if ckpts.all_steps():
     raise LimaError(f"{ckpts.directory}: no checkpoint there reads back whole; move the "
                     "directory away to start afresh")
   if cfg.init_from:  # pretrained weights (HF, Meta or our import); the optimizer starts fresh
     from lima_jax.weights import pretrained  # pylint: disable=import-outside-toplevel
-    return pretrained.init_state(trainer, cfg.init_from, meta["tokenizer_sha256"]), 0
-  return trainer.init(cfg.seed), 0
+    state = pretrained.init_state(trainer, cfg.init_from, meta["tokenizer"])
+  else:
+    state = trainer.init(cfg.seed)
+  return state, 0, (0.0, 0.0)
 
 
 def default_workdir(config_path: str) -> str:
@@ -263,6 +379,10 @@ def main(argv):
     run(cfg, workdir)
   except LimaError as e:
     fail(str(e))
+  except KeyboardInterrupt:  # Ctrl-C outside the steps (set-up, compiling): one line
+    print("lima_jax: interrupted; rerun the same command to start or resume", file=sys.stderr,
+          flush=True)
+    sys.exit(130)  # the shell's status for SIGINT
 
 
 def parse_flags(argv):
@@ -280,18 +400,32 @@ def parse_flags(argv):
 
 
 def load_config():
-  """The config file with its overrides applied; loading is lazy, so its errors surface here."""
+  """The config file with its overrides applied; loading is lazy, so its errors surface here.
+  With --show_config: prints it, key by key, and exits 0."""
   path = config_flags.get_config_filename(flags.FLAGS["config"])
   if not os.path.isfile(path):
     fail(f"--config: {path}: no such file")
   try:
     cfg = _CONFIG.value
     cfg.to_dict()  # a file that failed to load raises on first access
-    return cfg
   except (AttributeError, KeyError) as e:  # an override names no config key
     _unknown_config_key(e)
   except (OSError, ValueError, TypeError, SyntaxError) as e:
     fail(f"--config: {e}")
+  if _SHOW_CONFIG.value:
+    print(f"# {path}, with the --config.* overrides applied")
+    print("\n".join(f"{key} = {value!r}" for key, value in flat_config(cfg)))
+    sys.exit(0)
+  return cfg
+
+
+def flat_config(cfg, prefix: str = ""):
+  """(dotted key, value) of every field, sorted by key (ConfigDict.items() order)."""
+  for key, value in cfg.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from flat_config(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
 
 
 if __name__ == "__main__":

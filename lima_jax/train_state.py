@@ -17,19 +17,57 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from lima_jax import sharding
+from lima_jax import optim, sharding
 from lima_jax.model import Llama, LlamaConfig
 
 BATCH_KEYS = ("tokens", "targets", "weights", "segment_ids", "positions")
 
 
-def token_loss(model, batch, *, dropout_key=None, constrain=None):
-  """Summed cross entropy over the weighted target tokens, and their count."""
+def token_loss(model, batch, *, dropout_key=None, constrain=None, chunk_tokens: int = 0):
+  """Summed cross entropy over the weighted target tokens, and their count.
+
+  chunk_tokens > 0 (train.loss_chunk_tokens) computes the final norm, LM head and cross entropy
+  for that many sequence positions of every row at a time, recomputing them in the backward
+  pass, so the [rows, length, padded_vocab] fp32 logits never exist whole (LLaMA-3's 128,256
+  columns make one 8,192-token row's logits 4 GiB). The sums are those of the unchunked loss up
+  to fp32 rounding. Peers do the same: Levanter's blockwise cross entropy, MaxText's vocabulary
+  tiling.
+  """
   kwargs = {} if constrain is None else {"constrain": constrain}
-  logits = model(batch["tokens"], batch["positions"], batch["segment_ids"],
-                 dropout_key=dropout_key, **kwargs)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-  return jnp.sum(ce * batch["weights"]), jnp.sum(batch["weights"])
+  hidden = model.hidden(batch["tokens"], batch["positions"], batch["segment_ids"],
+                        dropout_key=dropout_key, **kwargs)
+  length = hidden.shape[1]
+  if not 0 < chunk_tokens < length:
+    ce = optax.softmax_cross_entropy_with_integer_labels(model.logits(hidden), batch["targets"])
+    return jnp.sum(ce * batch["weights"]), jnp.sum(batch["weights"])
+  return _chunked_loss(model, hidden, batch, chunk_tokens), jnp.sum(batch["weights"])
+
+
+def _chunked_loss(model, hidden, batch, chunk: int):
+  """token_loss's sum, `chunk` positions at a time: a scan over [chunks, rows, chunk] slices
+  whose body is rematerialised, so only one chunk's logits are live, forward or backward."""
+  rows, length, _ = hidden.shape
+  chunks = -(-length // chunk)
+  pad = chunks * chunk - length  # zero-weight positions past the end
+
+  def split(x):
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.swapaxes(x.reshape(rows, chunks, chunk, *x.shape[2:]), 0, 1)
+
+  head_def, head_state = nnx.split(model)
+
+  @jax.checkpoint
+  def chunk_loss(state, x, targets, weights):
+    logits = nnx.merge(head_def, state).logits(x)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return jnp.sum(ce * weights)
+
+  def body(total, xs):
+    return total + chunk_loss(head_state, *xs), None
+
+  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
+                          (split(hidden), split(batch["targets"]), split(batch["weights"])))
+  return total
 
 
 @dataclasses.dataclass
@@ -40,6 +78,7 @@ class Trainer:
   schedule: optax.Schedule
   mesh: jax.sharding.Mesh
   seed: int
+  loss_chunk_tokens: int = 0  # train.loss_chunk_tokens: see token_loss
 
   def __post_init__(self):
     with nnx.use_eager_sharding(False):
@@ -97,7 +136,7 @@ class Trainer:
       def loss_fn(params):
         total, _ = token_loss(self.model(params), micro,
                               dropout_key=jax.random.fold_in(step_key, index),
-                              constrain=self._constrain)
+                              constrain=self._constrain, chunk_tokens=self.loss_chunk_tokens)
         return total * scale
       return jax.value_and_grad(loss_fn)(state["params"])
 
@@ -108,8 +147,12 @@ class Trainer:
     loss, grads = _sum_over_micro_batches(micro_loss_and_grads, batch, zeros)
     grad_norm = optax.tree.norm(grads)
 
+    # The LR follows the step counter, not optax's (which a skipped update leaves behind).
+    lr = self.schedule(state["step"])
+
     def update(_):
-      updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
+      updates, opt_state = self.optimizer.update(
+          grads, optim.set_learning_rate(state["opt_state"], lr), state["params"])
       return optax.apply_updates(state["params"], updates), opt_state
 
     # A non-finite loss or gradient leaves params and optimizer state as they were (a cond,
@@ -118,7 +161,7 @@ class Trainer:
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     params, opt_state = jax.lax.cond(
         finite, update, lambda _: (state["params"], state["opt_state"]), None)
-    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": self.schedule(state["step"]),
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr,
                "tokens": count}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
@@ -127,7 +170,8 @@ class Trainer:
 
     def micro_sums(micro, index):
       del index
-      total, count = token_loss(model, micro, constrain=self._constrain)
+      total, count = token_loss(model, micro, constrain=self._constrain,
+                                chunk_tokens=self.loss_chunk_tokens)
       return {"loss_sum": total, "tokens": count}
 
     zero = jnp.zeros((), jnp.float32)

@@ -38,3 +38,25 @@ def train_cli(*args, **popen_kwargs):
   """`python -m lima_jax.train ARGS` started in the repository root."""
   return subprocess.Popen([sys.executable, "-m", "lima_jax.train", *args], cwd=ROOT,
                           **popen_kwargs)
+
+
+def random_hf_llama(path, *, vocab, d=64, heads=4, kv=4, ffn=96, tied=False, theta=10_000.0,
+                    seed=0):
+  """A random 2-layer HF LLaMA saved as safetensors in `path`. Weights are larger than
+  transformers' init and norms are not ones, so layout mistakes show in the logits."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(seed)
+  cfg = transformers.LlamaConfig(
+      vocab_size=vocab, hidden_size=d, intermediate_size=ffn, num_hidden_layers=2,
+      num_attention_heads=heads, num_key_value_heads=kv, rope_theta=theta, rms_norm_eps=1e-5,
+      tie_word_embeddings=tied, max_position_embeddings=256)
+  model = transformers.LlamaForCausalLM(cfg).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("norm.weight"):
+        p.copy_(1 + 0.1 * torch.randn_like(p))
+      else:
+        p.normal_(0, 0.1)
+  model.save_pretrained(path)
+  return model

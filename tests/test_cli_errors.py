@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from helpers import ROOT, tree_hashes
-from lima_jax import train
+from lima_jax import config, train
 TINY = ["--config.train.epochs=1", "--config.train.batch_size=32", "--config.data.max_length=64",
-        "--config.model.n_layers=1"]
+        "--config.model.n_layers=1", "--config.optimizer.warmup_steps=0"]  # 3 steps
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +31,10 @@ def jsonl(tmp_path, name, lines):
 
 
 GOOD = json.dumps({"conversations": ["Hi?", "Hello."], "source": "t"})
+# json.dumps writes a lone surrogate as the escape \ud83d: valid JSON, but with no UTF-8 form.
+LONG_PROMPT = json.dumps({"conversations": ["Tell me more. " * 40, "No."]})
+SURROGATE_TURN = json.dumps({"conversations": ["Hi \ud83d", "Hello."]})
+SURROGATE_SOURCE = json.dumps({"conversations": ["Hi?", "Hello."], "source": "\udc00"})
 CASES = {
     "missing data file": (lambda t: ["--config.data.train_path=/no/such/train.jsonl"],
                           "/no/such/train.jsonl"),
@@ -87,6 +91,20 @@ CASES = {
         lambda t: [f"--config.data.train_path={jsonl(t, 'h.jsonl', [json.dumps({'conversations': ['q', 'a'], 'source': 3})])}"],
         "h.jsonl:1"),
     "unexpected positional argument": (lambda t: ["train.jsonl"], "train.jsonl"),
+    # Well-formed records whose prompts alone fill max_length (64 in TINY): the limit is the
+    # culprit, not the format (the message blamed the format before).
+    "every dev record trimmed away": (
+        lambda t: [f"--config.data.dev_path={jsonl(t, 'l.jsonl', [LONG_PROMPT, LONG_PROMPT])}"],
+        "data.max_length: 64 tokens leave no trained token in any record of data.dev_path"),
+    "lone surrogate in a turn": (
+        lambda t: [f"--config.data.train_path={jsonl(t, 'i.jsonl', [GOOD, SURROGATE_TURN])}"],
+        "i.jsonl:2: conversations[0] holds a lone surrogate"),
+    "lone surrogate in the source": (
+        lambda t: [f"--config.data.train_path={jsonl(t, 'j.jsonl', [SURROGATE_SOURCE])}"],
+        "j.jsonl:1: `source` holds a lone surrogate"),
+    "lone surrogate in a dev turn": (
+        lambda t: [f"--config.data.dev_path={jsonl(t, 'k.jsonl', [GOOD, SURROGATE_TURN])}"],
+        "k.jsonl:2: conversations[0] holds a lone surrogate"),
 }
 
 
@@ -113,3 +131,62 @@ def test_fail_prints_one_line_and_exits_2():
   with pytest.raises(SystemExit) as exit_info:
     train.fail("config train.epochs: must be positive")
   assert exit_info.value.code == 2
+
+
+def _ml_collections_hint(config_file, section, typo):
+  """What the installed ml_collections itself says about a mistyped key: its lines after the
+  first (in 1.1, 'Did you mean "batch_size" instead of "batchsize"?')."""
+  cfg = config.from_file(config_file)
+  cfg.lock()
+  with pytest.raises(KeyError) as e:
+    cfg[section][typo] if section else cfg[typo]  # pylint: disable=expression-not-assigned
+  return [line.strip() for line in e.value.args[0].splitlines()[1:] if line.strip()]
+
+
+@pytest.mark.parametrize("module, args, key", [
+    ("train", [], "train.batchsize"),  # overrides of the default file fail while flags are defined
+    ("train", ["--config=configs/toy.py"], "train.batchsize"),  # ... or while they are parsed
+    ("train", ["--config=configs/lima_7b.py"], "trian.batch_size"),
+    ("plan", ["--topology=cpu:8"], "train.batchsize"),  # the same parsing as train
+])
+def test_unknown_key_is_named_with_ml_collections_hint(module, args, key, tmp_path):
+  """ml_collections 1.1 nests its KeyError in an AttributeError, which the message parsing of
+  the past turned into `error: \\: no such config key`."""
+  config_file = os.path.join(ROOT, args[0].split("=", 1)[1] if args[0:1] and
+                             args[0].startswith("--config=") else "configs/toy.py")
+  section, _, typo = key.rpartition(".")
+  hint = _ml_collections_hint(config_file, section, typo)
+  assert hint  # the installed ml_collections suggests a key for these typos
+  proc = subprocess.run([sys.executable, "-m", f"lima_jax.{module}", *args, f"--config.{key}=8",
+                         f"--workdir={tmp_path / 'run'}"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  assert lines[-1].startswith(f"error: --config.{key}: no such config key"), lines
+  assert all(h in lines[-1] for h in hint), (hint, lines[-1])
+  assert not (tmp_path / "run").exists()
+
+
+def _flat(tree, prefix=""):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _flat(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
+@pytest.mark.parametrize("module", ["train", "plan"])
+def test_show_config_lists_every_key_after_overrides(module, tmp_path):
+  workdir = tmp_path / "run"
+  proc = subprocess.run([sys.executable, "-m", f"lima_jax.{module}", "--config=configs/lima_7b.py",
+                         "--config.train.batch_size=8", "--config.data.train_path=x.jsonl",
+                         "--show_config", f"--workdir={workdir}"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  shown = dict(line.split(" = ", 1) for line in proc.stdout.splitlines()
+               if line and not line.startswith("#"))
+  want = dict(_flat(config.from_file(os.path.join(ROOT, "configs", "lima_7b.py")).to_dict()))
+  assert set(shown) == set(want)
+  assert shown["train.batch_size"] == "8" and shown["data.train_path"] == "'x.jsonl'"
+  assert shown["model.d_model"] == repr(want["model.d_model"])
+  assert not workdir.exists()

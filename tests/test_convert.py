@@ -12,6 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from helpers import random_hf_llama  # pylint: disable=wrong-import-position
 from lima_jax import config, convert, sharding, train  # pylint: disable=wrong-import-position
 from lima_jax.errors import LimaError  # pylint: disable=wrong-import-position
 from lima_jax.model import LlamaConfig  # pylint: disable=wrong-import-position
@@ -24,21 +25,9 @@ LENGTH = 24
 
 
 def make_hf(path, *, d=64, heads=4, kv=4, ffn=96, tied=False, theta=10_000.0, seed=0):
-  """A random HF LLaMA saved as safetensors with the sample tokenizer beside it. Weights are
-  larger than transformers' init and norms are not ones, so layout mistakes show in the logits."""
-  torch.manual_seed(seed)
-  cfg = transformers.LlamaConfig(
-      vocab_size=PIECES, hidden_size=d, intermediate_size=ffn, num_hidden_layers=2,
-      num_attention_heads=heads, num_key_value_heads=kv, rope_theta=theta, rms_norm_eps=1e-5,
-      tie_word_embeddings=tied, max_position_embeddings=256)
-  model = transformers.LlamaForCausalLM(cfg).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if name.endswith("norm.weight"):
-        p.copy_(1 + 0.1 * torch.randn_like(p))
-      else:
-        p.normal_(0, 0.1)
-  model.save_pretrained(path)
+  """A random HF LLaMA saved as safetensors with the sample tokenizer beside it."""
+  model = random_hf_llama(path, vocab=PIECES, d=d, heads=heads, kv=kv, ffn=ffn, tied=tied,
+                          theta=theta, seed=seed)
   shutil.copyfile(TOKENIZER, os.path.join(path, "tokenizer.model"))
   return model
 
@@ -203,10 +192,15 @@ def test_train_from_hf_dir_then_generate_in_transformers(tmp_path):
   assert out.shape[1] > prompt["input_ids"].shape[1]
 
 
-def test_init_from_refuses_a_config_mismatch(tmp_path):
+def test_init_from_refuses_a_command_line_shape_mismatch(tmp_path):
   make_hf(tmp_path / "hf", d=64, heads=4, kv=4, ffn=96)
-  with pytest.raises(LimaError, match=r"^model\.n_kv_heads: .*holds 4"):
-    train.run(_train_config(str(tmp_path / "hf"), n_kv_heads=2), str(tmp_path / "run"))
+  cfg = _train_config(str(tmp_path / "hf"), n_kv_heads=2)
+  fields, _, _ = pretrained.source_info(str(tmp_path / "hf"))
+  # The config file's value yields to the weights; the same value given as a flag is refused.
+  assert train.model_config(cfg.model, PIECES + 1, fields).n_kv_heads == 4
+  with pytest.raises(LimaError,
+                     match=r"^--config\.model\.n_kv_heads=2: init_from holds n_kv_heads=4;"):
+    train.model_config(cfg.model, PIECES + 1, fields, pinned={"n_kv_heads"})
 
 
 def test_init_from_our_dir_loads_the_converted_params(tmp_path):
@@ -216,8 +210,8 @@ def test_init_from_our_dir_loads_the_converted_params(tmp_path):
   mesh = sharding.make_mesh(2, 2, 2)
   model_cfg = train.model_config(cfg.model, PIECES + 1)
   trainer = Trainer(model_cfg, optax.adamw(1e-3), optax.constant_schedule(1e-3), mesh, 0)
-  sha = pretrained.tokenizer_info(TOKENIZER)[1]
-  state = pretrained.init_state(trainer, str(tmp_path / "ours"), sha)
+  tokenizer = pretrained.run_tokenizer(str(tmp_path / "ours"), "")
+  state = pretrained.init_state(trainer, str(tmp_path / "ours"), tokenizer.meta())
   _, expected = our_logits(tmp_path / "ours", tokens_batch())
   for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(expected)):
     assert np.array_equal(np.asarray(a), np.asarray(b))

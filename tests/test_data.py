@@ -40,7 +40,7 @@ def tokenizer_path(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tok(tokenizer_path):
-  return data.ChatTokenizer(tokenizer_path)
+  return data.load_tokenizer(tokenizer_path)
 
 
 def _write(path, lines):
@@ -110,11 +110,11 @@ def test_prompt_and_decode(tok):
 def test_tokenizer_errors(tmp_path):
   missing = str(tmp_path / "nope.model")
   with pytest.raises(LimaError, match=r"data\.tokenizer_path.*nope\.model"):
-    data.ChatTokenizer(missing)
+    data.load_tokenizer(missing)
   bad = tmp_path / "bad.model"
   bad.write_bytes(b"not a model")
   with pytest.raises(LimaError, match=r"data\.tokenizer_path.*bad\.model") as e:
-    data.ChatTokenizer(str(bad))
+    data.load_tokenizer(str(bad))
   assert "\n" not in str(e.value)
 
 
@@ -164,6 +164,10 @@ _GOOD = {"conversations": ["Hi?", "Hello."]}
     ('{"conversations": ["a", 3]}', r"conversations\[1\] must be a string"),
     ('{"conversations": ["a", "  \\n "]}', r"conversations\[1\] is empty"),
     ('{"conversations": ["a", "b"], "source": 3}', "`source` must be a string"),
+    # Valid JSON that Python decodes, but with no UTF-8 form: TFDS failed on it mid-build.
+    ('{"conversations": ["a", "b \\ud83d c"]}',
+     r"conversations\[1\] holds a lone surrogate \\ud83d at character 3"),
+    ('{"conversations": ["a", "b"], "source": "\\udc00"}', r"`source` holds a lone surrogate"),
 ])
 def test_bad_lines_name_file_and_line(tmp_path, line, what):
   path = _write(tmp_path / "bad.jsonl", [_GOOD, "", line, _GOOD])
@@ -230,6 +234,16 @@ def test_records_trimmed_to_no_assistant_token_are_skipped(tmp_path, tok, caplog
   assert len(examples) == 1
   assert any("1 record was skipped: no trained token left" in r.getMessage()
              for r in caplog.records)
+
+
+def test_every_record_trimmed_away_blames_max_length(tmp_path, tok):
+  long_prompt = {"conversations": ["Explain recursion in one sentence. " * 5, "No."]}
+  path = _write(tmp_path / "dev.jsonl", [long_prompt, long_prompt, {"conversations": ["Alone?"]}])
+  with pytest.raises(LimaError, match=r"^data\.max_length: 8 tokens leave no trained token in "
+                     r"any record of data\.dev_path .*dev\.jsonl \(2 trimmed away, 1 without an "
+                     r"assistant turn\)"):
+    data.load_examples(path, tok, max_length=8, train_on_prompt=False,
+                       data_dir=str(tmp_path / "tfds"), what="data.dev_path")
 
 
 def test_no_usable_example(tmp_path, tok):

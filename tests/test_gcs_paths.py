@@ -40,7 +40,7 @@ def test_training_setup_reads_gs_paths(bucket, tmp_path):
   cfg.model.n_layers, cfg.data.max_length = 1, 64
   setup = train.prepare(cfg, str(tmp_path))
   assert len(setup.examples) == 70 and setup.dev is not None
-  assert setup.tokenizer.sha256 == data.ChatTokenizer(sample_data("tokenizer.model")).sha256
+  assert setup.tokenizer.sha256 == data.load_tokenizer(sample_data("tokenizer.model")).sha256
 
 
 def test_a_bad_line_in_a_gs_file_names_it(bucket, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 
 from lima_jax import sharding
 from lima_jax.decoding import (Decoding, Generator, next_tokens, nucleus, penalize_repetition,
-                               prompt_bucket)
+                               prompt_bucket, prompt_seen, sampling_logits)
 from lima_jax.model import LlamaConfig
 from lima_jax.train_state import Trainer
 
@@ -74,7 +74,7 @@ def test_sampling_is_reproducible_for_a_seed(model, generator):
 def test_generation_stops_at_eot(model, generator):
   trainer, params = model
   batch = prompts(6, 12, 4, 20, seed=3)
-  free = run(generator, params, batch, max_new=12)
+  free = run(Generator(trainer, -1, batch_size=4), params, batch, max_new=12)  # no EOT: no stop
   # Call a token row 0 emits at step 3 (and not before) the EOT: rows stop right after it.
   eot = next(t for i, t in enumerate(free[0].tolist()) if i >= 3 and t not in free[0][:i])
   stopped = run(Generator(trainer, int(eot), batch_size=4), params, batch, max_new=12)
@@ -117,3 +117,54 @@ def test_nucleus_keeps_the_smallest_set_reaching_top_p():
 
 def test_prompt_buckets_limit_compiles():
   assert [prompt_bucket(n) for n in (1, 16, 17, 100, 2048)] == [16, 16, 32, 128, 2048]
+
+
+def _first_token_probs(logits, prompt, penalize_prompt):
+  """Our distribution of the first new token: the prompt's seen-mask, then penalty, temperature
+  and nucleus, exactly as the decode loop applies them."""
+  settings = Decoding(penalize_prompt=penalize_prompt).settings()
+  seen = prompt_seen(prompt, jnp.ones(prompt.shape, bool), logits.shape[-1], settings)
+  return np.asarray(jax.nn.softmax(sampling_logits(logits, seen, settings), axis=-1))
+
+
+@pytest.mark.parametrize("penalize_prompt", [True, False])
+def test_first_token_probabilities_match_transformers_processors(penalize_prompt):
+  """With penalize_prompt, transformers' reading: every prompt token is penalised. Without it,
+  the paper's: nothing is generated yet, so nothing is; transformers' processors agree when they
+  see no prompt. The prompts hold each row's likeliest tokens, so penalising them (or not)
+  moves the distribution far beyond the tolerance."""
+  transformers = pytest.importorskip("transformers")
+  torch = pytest.importorskip("torch")
+  lp = transformers.generation.logits_process
+  rng = np.random.default_rng(0)
+  logits = (rng.normal(size=(3, 100)) * 3).astype(np.float32)
+  prompt = np.argsort(-logits, axis=-1)[:, :5].astype(np.int32)  # includes negative logits too
+  prompt[:, -1] = np.argsort(logits, axis=-1)[:, 0]
+  ours = _first_token_probs(jnp.asarray(logits), jnp.asarray(prompt), penalize_prompt)
+  processors = lp.LogitsProcessorList([lp.RepetitionPenaltyLogitsProcessor(1.2),
+                                       lp.TemperatureLogitsWarper(0.7), lp.TopPLogitsWarper(0.9)])
+  seen_by_them = torch.tensor(prompt if penalize_prompt else prompt[:, :0], dtype=torch.long)
+  theirs = torch.softmax(processors(seen_by_them, torch.tensor(logits)), dim=-1).numpy()
+  np.testing.assert_allclose(ours, theirs, atol=4e-6)
+  other = _first_token_probs(jnp.asarray(logits), jnp.asarray(prompt), not penalize_prompt)
+  assert np.abs(other - theirs).max() > 0.05  # the setting matters at this tolerance
+
+
+def test_penalize_prompt_decides_whether_prompt_tokens_are_penalised(model, generator):
+  """Through the generator, greedy: with a penalty so large that a penalised token cannot win,
+  the first answer token may repeat a prompt token only without penalize_prompt, and tokens
+  generated earlier are penalised either way."""
+  params = model[1]
+  batch = prompts(*[40] * 8, seed=2)
+  plain = run(generator, params, batch, max_new=1,
+              decoding=Decoding(greedy=True, repetition_penalty=1.0))
+  echoes = [i for i, ids in enumerate(plain) if int(ids[0]) in batch[i].tolist()]
+  assert echoes  # prompts whose unpenalised first token repeats one of their own tokens
+  strong = dict(greedy=True, repetition_penalty=1e4)
+  paper = run(generator, params, batch, max_new=8, decoding=Decoding(**strong))
+  hf = run(generator, params, batch, max_new=8, decoding=Decoding(**strong, penalize_prompt=True))
+  assert [int(ids[0]) for ids in paper] == [int(ids[0]) for ids in plain]
+  for i in echoes:
+    assert int(hf[i][0]) != int(plain[i][0]) and int(hf[i][0]) not in batch[i].tolist()
+  for ids in paper + hf:  # generated tokens are penalised: none comes twice
+    assert len(set(ids.tolist())) == len(ids)

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -128,3 +129,35 @@ def test_indivisible_dimension_is_refused_naming_the_config_key():
   tx, schedule = optim.make_optimizer(base_config().optimizer, total_steps=10)
   with pytest.raises(LimaError, match=r"^model.ffn_dim: .* is 129, not divisible by mesh axis tensor=2$"):
     Trainer(bad, tx, schedule, sharding.make_mesh(1, 4, 2), seed=0)
+
+
+def test_chunked_loss_equals_the_whole_sequence_loss_through_the_train_step():
+  """train.loss_chunk_tokens: the same loss and gradients (SGD at lr 1 makes the update the
+  gradient) over two micro-batches, with a chunk that does not divide the length (40 = 16 + 16 +
+  8 padded). The vocabulary's padding columns stay masked: their rows never move."""
+  rng = np.random.default_rng(0)
+  micro, rows, length = 2, 8, 40
+  batch = {
+      "tokens": rng.integers(0, 301, (micro, rows, length)).astype(np.int32),
+      "targets": rng.integers(0, 301, (micro, rows, length)).astype(np.int32),
+      "weights": (rng.random((micro, rows, length)) > 0.3).astype(np.float32),
+      "segment_ids": np.repeat([[1] * 25 + [2] * 15], micro * rows, 0).reshape(micro, rows, -1),
+      "positions": np.tile(np.r_[np.arange(25), np.arange(15)], (micro, rows, 1)),
+  }
+  results = {}
+  for chunk in (0, 16):
+    trainer = Trainer(CFG, optax.sgd(1.0), optax.constant_schedule(1.0),
+                      sharding.make_mesh(2, 2, 2), seed=0, loss_chunk_tokens=chunk)
+    before = jax.device_get(trainer.init(0)["params"])
+    evaluated = jax.device_get(trainer.eval_step(trainer.init(0)["params"],
+                                                 trainer.put_batch(batch)))
+    state, metrics = trainer.train_step(trainer.init(0), trainer.put_batch(batch))
+    grads = jax.tree.map(np.subtract, before, jax.device_get(state["params"]))
+    results[chunk] = jax.device_get(metrics), grads, evaluated
+  (m0, g0, e0), (m1, g1, e1) = results[0], results[16]
+  np.testing.assert_allclose(m1["loss"], m0["loss"], rtol=1e-6)
+  np.testing.assert_allclose(e1["loss_sum"], e0["loss_sum"], rtol=1e-6)
+  np.testing.assert_allclose(m1["grad_norm"], m0["grad_norm"], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7, rtol=1e-4), g0, g1)
+  assert np.abs(g0["lm_head"]).max() > 1e-3  # the comparison is not of zeros
+  assert not g1["lm_head"][:, CFG.vocab_size:].any() and not g1["embed"][CFG.vocab_size:].any()

@@ -21,6 +21,7 @@ def tiny_config():
   cfg.train.epochs = 1  # 9 steps of the 71 sample conversations, then the dev set
   cfg.model.d_model, cfg.model.n_layers, cfg.model.ffn_dim = 64, 2, 128
   cfg.eval.generate_epochs = ()
+  cfg.optimizer.warmup_steps = 2  # of 9 steps
   cfg.checkpoint.async_save = False
   return cfg
 
@@ -73,6 +74,10 @@ def test_two_processes_end_with_the_params_of_one(tmp_path):
     with open(os.path.join(run, "metrics.jsonl")) as f:
       losses[run] = [json.loads(line)["loss"] for line in f]
   assert len(losses[multi]) == 9  # process 0 alone writes metrics
+  with open(os.path.join(multi, "run.lock"), encoding="utf-8") as f:
+    # One lock per run, taken by process 0: had each process locked, process 1 would have been
+    # refused the workdir process 0 holds.
+    assert json.load(f)["pid"] == workers[0].pid
   # Cross-process all-reduces (gloo) sum in another order than in-process ones: equal up to
   # float rounding, far below what one misplaced row of data would change.
   np.testing.assert_allclose(losses[multi], losses[single], rtol=1e-5)

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from lima_jax import config, generate, run_files, select, train
+from lima_jax.decoding import Decoding
 from lima_jax.prompts import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,6 +28,7 @@ def workdir(tmp_path_factory):
   cfg.train.batch_size, cfg.train.epochs = 32, EPOCHS
   cfg.model.d_model, cfg.model.n_layers, cfg.model.ffn_dim = 64, 2, 128
   cfg.checkpoint.max_to_keep = 1
+  cfg.optimizer.warmup_steps = 2  # of 9 steps
   cfg.eval.max_new_tokens = 16
   train.run(cfg, path)
   return path
@@ -105,11 +107,66 @@ def test_choose_records_the_epoch_and_exports_it(workdir, capsys):
   assert "chose epoch 2" in capsys.readouterr().out
   with open(os.path.join(workdir, "chosen.json")) as f:
     chosen = json.load(f)
-  assert chosen["epoch"] == 2 and chosen["step"] == 6 and chosen["export"] == out
+  assert chosen["epoch"] == 2 and chosen["step"] == 6 and chosen["export"] == "export/epoch_2"
   assert {"config.json", "tokenizer.model"} <= set(os.listdir(out))
   assert any(name.endswith(".safetensors") for name in os.listdir(out))
   with open(os.path.join(workdir, "report.html"), encoding="utf-8") as f:
     assert "Chosen: epoch 2" in f.read()
+
+
+def test_chosen_json_paths_are_relative_to_the_workdir(workdir, tmp_path):
+  """select run from the workdir's parent with a relative --workdir: chosen.json used to record
+  the export relative to that cwd ("run0/export/epoch_1") beside a workdir-relative params path.
+  Also: exporting reads each param's shape without Orbax's "Metadata file does not exist"."""
+  parent, name = os.path.split(workdir)
+  proc = subprocess.run([sys.executable, "-m", "lima_jax.select", f"--workdir={name}",
+                         "--choose=1"], cwd=parent, capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                            [ROOT, os.environ.get("PYTHONPATH", "")])))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "Metadata file does not exist" not in proc.stderr, proc.stderr[-2000:]
+  chosen = run_files.read_choice(workdir)
+  assert chosen["export"] == os.path.join("export", "epoch_1")
+  assert os.path.isfile(os.path.join(workdir, chosen["export"], "config.json"))
+  assert os.path.isdir(os.path.join(workdir, chosen["params"], "state"))
+  # An export outside the workdir is recorded as an absolute path.
+  out = tmp_path / "orbax_export"
+  proc = cli("select", f"--workdir={workdir}", "--choose=3", "--format=orbax", f"--out={out}")
+  assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert run_files.read_choice(workdir)["export"] == str(out)
+  assert os.path.isfile(out / "tokenizer.model") and os.path.isdir(out / "0" / "state")
+
+
+def test_generate_help_explains_every_flag():
+  """The description used to stop mid-sentence and every decoding flag's help read literally
+  "default: the run's generate.{name}"."""
+  proc = cli("generate", "--help")
+  assert proc.returncode == 0, proc.stderr
+  words = " ".join(proc.stdout.split())
+  summary = " ".join(generate.__doc__.split("\n\n")[0].split())
+  assert summary.endswith(".") and summary in words
+  assert "{" not in proc.stdout
+  for name in ("temperature", "top_p", "repetition_penalty", "max_tokens", "seed", "batch_size",
+               "penalize_prompt"):
+    assert f"Default: the run's generate.{name}" in words
+
+
+def test_penalize_prompt_comes_from_the_run_or_the_flag():
+  """Dev generations during training and `lima_jax.generate` read generate.penalize_prompt; a
+  run saved before the key existed gets the paper's reading (False)."""
+  parse = lambda *flags: generate._parser().parse_args(  # pylint: disable=protected-access
+      ["--workdir=w", "--prompts=p", "--out=o", *flags])
+  old_run = {"generate": {k: v for k, v in config.base_config().generate.items()
+                          if k != "penalize_prompt"}}
+  hf_run = {"generate": dict(config.base_config().generate.to_dict(), penalize_prompt=True)}
+  decoded = lambda run_cfg, *flags: Decoding.from_config(
+      generate.decoding_settings(run_cfg, parse(*flags))).penalize_prompt
+  assert not decoded(old_run) and decoded(old_run, "--penalize_prompt")
+  assert decoded(hf_run) and not decoded(hf_run, "--no-penalize_prompt")
+  cfg = config.base_config()
+  assert not Decoding.from_config(cfg.generate).penalize_prompt
+  cfg.generate.penalize_prompt = True
+  assert Decoding.from_config(cfg.generate).penalize_prompt
 
 
 def test_generate_cli_answers_a_prompts_file(workdir, tmp_path):
@@ -135,15 +192,19 @@ def test_params_trained_with_a_tpu_kernel_generate_here(workdir):
   assert trainer.model(params).attention_kernel == "xla"  # this CPU's kernel
 
 
-@pytest.mark.parametrize("case", ["empty", "malformed", "too_long", "no_params", "choose"])
+@pytest.mark.parametrize("case", ["empty", "malformed", "too_long", "surrogate", "no_params",
+                                  "choose"])
 def test_bad_input_is_a_one_line_error(workdir, tmp_path, case):
   good = json.dumps({"conversations": ["Say hello."]})
   files = {"empty": [], "malformed": [good, '{"conversations": ["unclosed"'],
-           "too_long": [json.dumps({"conversations": ["word " * 400]})]}
+           "too_long": [json.dumps({"conversations": ["word " * 400]})],
+           # valid JSON (json.dumps escapes it as \ud83d) with no UTF-8 form
+           "surrogate": [good, json.dumps({"conversations": ["Hi", "Hello!", "Smile \ud83d"]})]}
   prompts = write(tmp_path / "p.jsonl", files.get(case, [good]))
   expected = {"empty": f"{prompts}: no records", "malformed": f"{prompts}:2: invalid JSON",
-              "too_long": f"{prompts}:1: the prompt is", "no_params": "--epoch=7",
-              "choose": "--choose=7"}[case]
+              "too_long": f"{prompts}:1: the prompt is",
+              "surrogate": f"{prompts}:2: conversations[2] holds a lone surrogate \\ud83d",
+              "no_params": "--epoch=7", "choose": "--choose=7"}[case]
   if case == "choose":
     proc = cli("select", f"--workdir={workdir}", "--choose=7")
   else:
@@ -152,6 +213,19 @@ def test_bad_input_is_a_one_line_error(workdir, tmp_path, case):
   lines = [line for line in proc.stderr.splitlines() if line.strip()]
   assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
   assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+
+
+def test_choose_orbax_export_carries_the_tokenizer(workdir, tmp_path):
+  """--format=orbax: our params directory with the run's tokenizer files and EOT, usable as
+  init_from and exportable to HF."""
+  from lima_jax import convert  # pylint: disable=import-outside-toplevel
+  from lima_jax.weights import pretrained  # pylint: disable=import-outside-toplevel
+  out = str(tmp_path / "chosen")
+  select.main([f"--workdir={workdir}", "--choose=2", "--format=orbax", f"--out={out}"])
+  assert "tokenizer.model" in os.listdir(out)
+  tok = pretrained.OrbaxParams(out).tokenizer()
+  assert (tok.eot_id, tok.vocab_size) == (1000, 1001)
+  assert convert.main(["orbax-to-hf", out, str(tmp_path / "hf")]) == 0
 
 
 def test_epoch_zero_shows_the_starting_params(tmp_path):

@@ -50,6 +50,13 @@ def load_examples(path: str, tokenizer: ChatTokenizer, *, max_length: int,
       counts["trimmed"] += 1
     examples.append(Example(ids=ids, loss_mask=mask))
   _report(path, counts, max_length)
+  if not examples and counts["trimmed_away"]:
+    # The records are fine; the limit leaves none of their answers.
+    others = (f", {counts['no_assistant']} without an assistant turn"
+              if counts["no_assistant"] else "")
+    raise LimaError(f"data.max_length: {max_length} tokens leave no trained token in any record "
+                    f"of {what} {path} ({counts['trimmed_away']} trimmed away{others}); "
+                    "raise data.max_length")
   if not examples:
     raise LimaError(f"{what}: {path} holds no usable example (each needs a user turn "
                     "and an assistant turn)")

@@ -14,6 +14,7 @@ LLaMA-1/2), each split as llama.cpp splits it.
 
 import json
 import os
+import tempfile
 
 import gguf
 import numpy as np
@@ -86,6 +87,7 @@ class GgufSource:
                    "bos_token_id": int(self.value("tokenizer.ggml.bos_token_id", 1))}
     self._check_tensors()
     self._cache = {}
+    self._tokenizer_dir = None
 
   def value(self, key: str, default=None):
     """A metadata value (str, number, bool or list), or `default` when the file lacks it."""
@@ -128,6 +130,7 @@ class GgufSource:
         "n_kv_heads": int(self.value(f"{a}.attention.head_count_kv", n_heads)),
         "ffn_dim": int(self._need(f"{a}.feed_forward_length")),
         "rope_theta": _f32(self.value(f"{a}.rope.freq_base", 10_000.0)),
+        **layout.rope_scaling(),  # scaled RoPE is refused above
         "norm_eps": _f32(self._need(f"{a}.attention.layer_norm_rms_epsilon")),
         "tie_embeddings": _GLOBAL_NAMES["lm_head"] not in self._tensors,
     }
@@ -150,9 +153,23 @@ class GgufSource:
       raise LimaError(f"{self.path}: tensor {extra[0]} is not part of a LLaMA model "
                       f"({len(extra)} such tensor(s); biases and extra layers are not supported)")
 
-  def tokenizer(self) -> None:
-    """A GGUF file holds no tokenizer file; `write_tokenizer` makes one from its metadata."""
-    return None
+  def tokenizer(self) -> str:
+    """A directory holding the tokenizer rebuilt from the metadata (`write_tokenizer`), made on
+    first use and removed with this source."""
+    if self._tokenizer_dir is None:
+      self._tokenizer_dir = tempfile.TemporaryDirectory(prefix="lima_jax_gguf_")
+      self.write_tokenizer(self._tokenizer_dir.name)
+    return self._tokenizer_dir.name
+
+  def eos_token(self) -> str:
+    """The text of the file's end token (tokenizer.ggml.eos_token_id): a chat model's end of
+    turn, such as SmolLM2's `<|im_end|>`."""
+    eos = self.value("tokenizer.ggml.eos_token_id")
+    tokens = self._reader.get_field("tokenizer.ggml.tokens")
+    if eos is None or tokens is None or not 0 <= eos < len(tokens.data):
+      raise LimaError(f"{self.path}: no end token (tokenizer.ggml.eos_token_id); pass "
+                      "--eot-token")
+    return tokens.contents(eos)
 
   def write_tokenizer(self, out_dir: str) -> str:
     """Writes tokenizer.json and tokenizer_config.json into out_dir; returns tokenizer.json's

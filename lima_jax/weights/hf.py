@@ -8,17 +8,16 @@ special token that generation stops on.
 
 import json
 import os
-import shutil
 
 import numpy as np
-import sentencepiece as spm
 
+from lima_jax.data import ChatTokenizer, chat_format, tokenizer_files
 from lima_jax.errors import LimaError
-from lima_jax.weights import layout, safetensors_io
+from lima_jax.weights import hf_tokenizer, layout, safetensors_io
 
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
-EOT_TEXT = "<|eot|>"
+EOT_TEXT = chat_format.EOT_TEXT  # the name of LIMA's new EOT token in exports
 _ARCH = "LlamaForCausalLM"
 _LAYER_NAMES = {
     "attn.wq": "self_attn.q_proj.weight", "attn.wk": "self_attn.k_proj.weight",
@@ -75,16 +74,14 @@ def read_config(hf_dir: str) -> tuple[dict, dict]:
   refuse("hidden_act", c.get("hidden_act", "silu") == "silu", "LLaMA uses silu")
   refuse("attention_bias", not c.get("attention_bias"), "LLaMA has no biases")
   refuse("mlp_bias", not c.get("mlp_bias"), "LLaMA has no biases")
-  rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-  refuse("rope_parameters" if "rope_parameters" in c else "rope_scaling",
-         rope.get("rope_type", rope.get("type", "default")) == "default",
-         "only unscaled rotary embeddings")
+  rope = c.get("rope_parameters") or {}
   fields = {
       "vocab_size": need("vocab_size"), "d_model": need("hidden_size"),
       "n_layers": need("num_hidden_layers"), "n_heads": need("num_attention_heads"),
       "n_kv_heads": c.get("num_key_value_heads") or need("num_attention_heads"),
       "ffn_dim": need("intermediate_size"),
       "rope_theta": float(c.get("rope_theta", rope.get("rope_theta", 10_000.0))),
+      **_rope_scaling(c, path),
       "norm_eps": float(c.get("rms_norm_eps", 1e-6)),
       "tie_embeddings": bool(c.get("tie_word_embeddings", False)),
   }
@@ -93,6 +90,45 @@ def read_config(hf_dir: str) -> tuple[dict, dict]:
   extras = {"max_position_embeddings": c.get("max_position_embeddings", 2048),
             "bos_token_id": c.get("bos_token_id", 1)}
   return fields, extras
+
+
+# Our RoPE scaling fields by the key transformers gives them in rope_parameters / rope_scaling.
+_ROPE_KEYS = {"factor": "factor", "low_freq_factor": "low_freq_factor",
+              "high_freq_factor": "high_freq_factor",
+              "original_max_position_embeddings": "original_max_position"}
+_ROPE_NEEDS = {"default": (), "linear": ("factor",),
+               "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                          "original_max_position_embeddings")}
+
+
+def _rope_scaling(c: dict, path: str) -> dict:
+  """Our rope_scaling_* fields from config.json. transformers 5 writes `rope_parameters`, older
+  releases `rope_scaling` (and 5 prefers it when both are there, as here); the type is under
+  `rope_type` or, older still, `type`."""
+  key = "rope_scaling" if c.get("rope_scaling") else "rope_parameters"
+  rope = c.get(key) or {}
+  kind = rope.get("rope_type", rope.get("type", "default"))
+  if kind not in _ROPE_NEEDS:
+    raise LimaError(f"{path}: {key}.rope_type={kind!r} is not supported (only default, linear "
+                    "and llama3 RoPE)")
+  # transformers falls back to max_position_embeddings for a missing original length.
+  rope = dict({"original_max_position_embeddings": c.get("max_position_embeddings")}, **rope)
+  values = {}
+  for name in _ROPE_NEEDS[kind]:
+    if rope.get(name) is None:
+      raise LimaError(f"{path}: {key}.{name} is missing (needed by rope_type {kind!r})")
+    number = int if name == "original_max_position_embeddings" else float
+    values[_ROPE_KEYS[name]] = number(rope[name])
+  return layout.rope_scaling(kind, **values)
+
+
+def _rope_config(fields: dict) -> dict:
+  """config.json's rope_parameters (transformers 5) for our fields; an older transformers reads
+  the same under rope_scaling."""
+  rope = {"rope_type": fields["rope_scaling_type"], "rope_theta": fields["rope_theta"]}
+  for hf_key in _ROPE_NEEDS[fields["rope_scaling_type"]]:
+    rope[hf_key] = fields[f"rope_scaling_{_ROPE_KEYS[hf_key]}"]
+  return rope
 
 
 def _weight_files(hf_dir: str) -> list[str]:
@@ -129,17 +165,19 @@ class HfSource:
                         f"but {CONFIG} implies {shapes[name]}")
 
   def tokenizer(self) -> str | None:
-    path = os.path.join(self.path, "tokenizer.model")
-    return path if os.path.isfile(path) else None
+    """The directory, when it holds a tokenizer (tokenizer.json or tokenizer.model)."""
+    has = any(os.path.isfile(os.path.join(self.path, n)) for n in tokenizer_files.MAIN_FILES)
+    return self.path if has else None
 
   def tensor(self, name: str, layer: int | None = None) -> np.ndarray:
     return layout.from_linear(name, self._files.get(tensor_name(name, layer)), self.fields)
 
 
-def write_dir(out_dir: str, fields: dict, fetch, *, tokenizer_path: str | None, eot_id: int,
+def write_dir(out_dir: str, fields: dict, fetch, *, tokenizer: ChatTokenizer,
               extras: dict, dtype, shard_bytes: int = 5 << 30) -> list[str]:
   """Writes an HF directory from our params; fetch(dotted param name) -> host array, called once
-  per param. Returns the safetensors files written."""
+  per param. The tokenizer and its chat template reproduce training's ids in transformers
+  (hf_tokenizer); generation stops on EOT. Returns the safetensors files written."""
   shapes = layout.linear_shapes(fields)
   vocab = fields["vocab_size"]
   entries, cached = [], {}
@@ -180,9 +218,9 @@ def write_dir(out_dir: str, fields: dict, fetch, *, tokenizer_path: str | None, 
   if len(groups) > 1:
     _write_json(os.path.join(out_dir, INDEX),
                 {"metadata": {"total_size": total}, "weight_map": weight_map})
-  _write_config(out_dir, fields, extras, eot_id, dtype)
-  if tokenizer_path:  # None: the caller writes a tokenizer of another kind
-    _write_tokenizer(out_dir, tokenizer_path, eot_id)
+  _write_config(out_dir, fields, dict(extras, bos_token_id=tokenizer.bos_id), tokenizer.eot_id,
+                dtype)
+  hf_tokenizer.write(out_dir, tokenizer)
   return [os.path.join(out_dir, n) for n in names]
 
 
@@ -202,8 +240,10 @@ def _write_config(out_dir, fields, extras, eot_id, dtype) -> None:
       "intermediate_size": fields["ffn_dim"], "num_hidden_layers": fields["n_layers"],
       "num_attention_heads": fields["n_heads"], "num_key_value_heads": fields["n_kv_heads"],
       "head_dim": fields["d_model"] // fields["n_heads"], "rms_norm_eps": fields["norm_eps"],
-      # Both spellings: transformers 5 reads rope_parameters, older releases rope_theta.
-      "rope_theta": theta, "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+      # Both spellings: transformers 5 reads rope_parameters, older releases rope_theta and
+      # rope_scaling (null when unscaled).
+      "rope_theta": theta, "rope_parameters": _rope_config(fields),
+      "rope_scaling": None if fields["rope_scaling_type"] == "default" else _rope_config(fields),
       "tie_word_embeddings": fields["tie_embeddings"],
       "max_position_embeddings": extras.get("max_position_embeddings", 2048),
       "bos_token_id": bos, "eos_token_id": eot_id,
@@ -211,18 +251,3 @@ def _write_config(out_dir, fields, extras, eot_id, dtype) -> None:
   })
   _write_json(os.path.join(out_dir, "generation_config.json"),
               {"bos_token_id": bos, "eos_token_id": eot_id, "pad_token_id": eot_id})
-
-
-def _write_tokenizer(out_dir: str, tokenizer_path: str, eot_id: int) -> None:
-  shutil.copyfile(tokenizer_path, os.path.join(out_dir, "tokenizer.model"))
-  sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
-  eot = {"content": EOT_TEXT, "special": True, "lstrip": False, "rstrip": False,
-         "normalized": False, "single_word": False}
-  special = {"bos_token": sp.id_to_piece(sp.bos_id()), "eos_token": EOT_TEXT,
-             "pad_token": EOT_TEXT}
-  if sp.unk_id() >= 0:
-    special["unk_token"] = sp.id_to_piece(sp.unk_id())
-  _write_json(os.path.join(out_dir, "tokenizer_config.json"), dict(
-      special, tokenizer_class="LlamaTokenizer", add_bos_token=True, add_eos_token=False,
-      added_tokens_decoder={str(eot_id): eot}, model_max_length=1 << 30))
-  _write_json(os.path.join(out_dir, "special_tokens_map.json"), special)

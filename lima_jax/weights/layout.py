@@ -8,14 +8,40 @@ holds about one shard at a time and never the model.
 Names are our param paths joined with dots; per-layer tensors drop the leading 'blocks'.
 """
 
+import dataclasses
+
 import jax
 import numpy as np
+
+from lima_jax.model import LlamaConfig
 
 LAYER_PARAMS = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "attn_norm.scale",
                 "mlp.gate", "mlp.up", "mlp.down", "mlp_norm.scale")
 VOCAB_PARAMS = ("embed", "lm_head")  # [vocab, d] and [d, vocab]
+ROPE_SCALING_KEYS = ("rope_scaling_type", "rope_scaling_factor", "rope_scaling_low_freq_factor",
+                     "rope_scaling_high_freq_factor", "rope_scaling_original_max_position")
+# What a model is, as weights and their metadata describe it (LlamaConfig's other fields say how
+# it is computed).
 MODEL_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
-              "rope_theta", "norm_eps", "tie_embeddings")
+              "rope_theta", *ROPE_SCALING_KEYS, "norm_eps", "tie_embeddings")
+# An unscaled RoPE in those fields (LlamaConfig's defaults); metadata older than the scaling
+# fields means this.
+UNSCALED_ROPE = {f.name: f.default for f in dataclasses.fields(LlamaConfig)
+                 if f.name in ROPE_SCALING_KEYS}
+
+
+def rope_scaling(kind: str = "default", **values) -> dict:
+  """The ROPE_SCALING_KEYS fields of a `kind` scaling; `values` by their suffix (factor=8, ...)."""
+  return dict(UNSCALED_ROPE, rope_scaling_type=kind,
+              **{f"rope_scaling_{k}": v for k, v in values.items()})
+
+
+def model_fields(saved: dict) -> dict | None:
+  """MODEL_KEYS from saved model metadata (None if a shape key is missing)."""
+  if not isinstance(saved, dict) or any(k not in saved for k in MODEL_KEYS
+                                        if k not in ROPE_SCALING_KEYS):
+    return None
+  return {k: saved.get(k, UNSCALED_ROPE.get(k)) for k in MODEL_KEYS}
 
 
 def global_params(fields: dict) -> tuple:

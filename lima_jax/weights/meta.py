@@ -26,6 +26,11 @@ _LAYER_NAMES = {
 }
 _GLOBAL_NAMES = {"embed": "tok_embeddings.weight", "lm_head": "output.weight",
                  "final_norm.scale": "norm.weight"}
+# params.json says only `use_scaled_rope`; the values are fixed in Meta's LLaMA-3.1 reference
+# model (`apply_scaling`: scale factor 8, low 1, high 4, old context 8192). Meta's LLaMA-3.2 1B/3B
+# files use factor 32 under the same flag: import those from their HF release.
+META_SCALED_ROPE = layout.rope_scaling("llama3", factor=8.0, low_freq_factor=1.0,
+                                       high_freq_factor=4.0, original_max_position=8192)
 # Axis along which model-parallel shards split each tensor (None: replicated in every shard).
 _SPLIT_AXIS = {"attn.wq": 0, "attn.wk": 0, "attn.wv": 0, "attn.wo": 1, "mlp.gate": 0,
                "mlp.up": 0, "mlp.down": 1, "lm_head": 0, "embed": None, "attn_norm.scale": None,
@@ -71,9 +76,6 @@ class MetaSource:
     files = sorted(glob.glob(os.path.join(meta_dir, "consolidated.*.pth")))
     if not files:
       raise LimaError(f"{meta_dir}: no consolidated.*.pth weight files")
-    if p.get("use_scaled_rope"):
-      raise LimaError(f"{params_path}: use_scaled_rope=true is not supported "
-                      "(only unscaled rotary embeddings)")
     torch = _torch()
     self._shards = []
     for path in files:
@@ -98,6 +100,7 @@ class MetaSource:
         "n_kv_heads": p.get("n_kv_heads") or p["n_heads"],
         "ffn_dim": self._joined_shape("mlp.gate", 0)[0],
         "rope_theta": float(p.get("rope_theta", 10_000.0)),
+        **(META_SCALED_ROPE if p.get("use_scaled_rope") else layout.rope_scaling()),
         "norm_eps": float(p.get("norm_eps", 1e-5)),
         "tie_embeddings": "output.weight" not in first,
     }

@@ -3,19 +3,20 @@
 An imported model is laid out like a run's checkpoints directory, so one reader serves both:
 
   OUT_DIR/0/state        Orbax: {'params': ...}
-  OUT_DIR/0/meta         JSON: format, model fields, tokenizer sha256, what an HF export needs
-  OUT_DIR/tokenizer.model  (or tokenizer.json + tokenizer_config.json, from a GGUF import)
+  OUT_DIR/0/meta         JSON: format, model fields, the tokenizer's hash and EOT, what an HF
+                         export needs
+  OUT_DIR/tokenizer.json or tokenizer.model (+ tokenizer_config.json, ...): the tokenizer's files
 """
 
-import hashlib
 import os
-import shutil
 
 import jax
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from etils import epath
 
+from lima_jax import data
 from lima_jax.checkpoint import META, STATE, Checkpoints
 from lima_jax.data import ChatTokenizer
 from lima_jax.errors import LimaError
@@ -24,9 +25,6 @@ from lima_jax.train_state import Trainer
 from lima_jax.weights import hf, layout, meta
 
 FORMAT = "lima_jax.pretrained"
-TOKENIZER = "tokenizer.model"
-TOKENIZER_JSON = "tokenizer.json"  # an HF tokenizer; its tokenizer_config.json travels with it
-TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
 def abstract_params(model_cfg: LlamaConfig, mesh):
@@ -35,34 +33,29 @@ def abstract_params(model_cfg: LlamaConfig, mesh):
   return trainer.abstract_state["params"]
 
 
-def tokenizer_info(path: str) -> tuple[int, str]:
-  """(piece count, sha256) of a sentencepiece model file or an HF tokenizer.json (its
-  vocabulary with added tokens, and the file's sha256)."""
-  if os.path.basename(path) == TOKENIZER_JSON:
-    from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
-    try:
-      count = Tokenizer.from_file(path).get_vocab_size(with_added_tokens=True)
-      with open(path, "rb") as f:
-        return count, hashlib.sha256(f.read()).hexdigest()
-    except Exception as e:  # tokenizers reports parse failures as a bare Exception
-      raise LimaError(f"{path}: not a readable tokenizer.json ({e})") from None
-  try:
-    tokenizer = ChatTokenizer(path)
-  except LimaError:
-    raise LimaError(f"{path}: not a readable sentencepiece tokenizer") from None
-  return tokenizer.piece_count, tokenizer.sha256
+def vocab_plan(source_rows: int, tokenizer: ChatTokenizer, where: str) -> tuple[int, bool]:
+  """(rows of our model, whether EOT is a new row) for weights with `source_rows` embedding rows
+  (HF, Meta or ours) and `tokenizer` (from `data.load_tokenizer` with the same source_rows).
 
-
-def vocab_plan(source_vocab: int, piece_count: int, where: str) -> tuple[int, bool]:
-  """(our vocab_size, whether to add the EOT row): a source either lacks EOT (LLaMA as
-  released) or already has it as its last row (our own export)."""
-  if source_vocab == piece_count:
-    return piece_count + 1, True
-  if source_vocab == piece_count + 1:
-    return source_vocab, False
-  raise LimaError(f"{where}: the weights have a vocabulary of {source_vocab}, but the tokenizer "
-                  f"has {piece_count} pieces (expected {piece_count}, or {piece_count + 1} "
-                  "with EOT)")
+  Every id the tokenizer defines must be a row of the weights; rows past its tokens (an HF
+  `<pad>` row the tokenizer names, padding) stay what they are. EOT is found by name
+  (data.eot_token, a token named `<|eot|>`, or the row our own checkpoints record), never by a
+  row count. If none is found EOT is a new row at id max(token count, source rows) =
+  source_rows, right after the source's rows; `layout.place` initialises it (embedding and LM
+  head) to the mean of the source rows. Raises LimaError naming `where` otherwise.
+  """
+  if tokenizer.token_count > source_rows:
+    raise LimaError(f"{where}: the tokenizer defines {tokenizer.token_count} tokens, but the "
+                    f"weights have only {source_rows} embedding rows")
+  if tokenizer.adds_eot:
+    if tokenizer.eot_id != source_rows:
+      raise LimaError(f"{where}: the tokenizer places a new EOT at id {tokenizer.eot_id}, not "
+                      f"after the weights' {source_rows} rows")
+    return source_rows + 1, True
+  if tokenizer.eot_id >= source_rows:
+    raise LimaError(f"{where}: EOT {tokenizer.eot_text!r} is id {tokenizer.eot_id}, past the "
+                    f"weights' {source_rows} embedding rows")
+  return source_rows, False
 
 
 def _has_steps(path: str) -> bool:
@@ -91,29 +84,40 @@ class OrbaxParams:
       saved = ckpts.read_meta(step)
     finally:
       ckpts.close()
-    model = saved.get("model")
-    if not isinstance(model, dict) or any(k not in model for k in layout.MODEL_KEYS):
+    self.fields = layout.model_fields(saved.get("model"))
+    if self.fields is None:
       raise LimaError(f"{path}: step {step} has no lima_jax model metadata")
     self.step = step
-    self.fields = {k: model[k] for k in layout.MODEL_KEYS}
     self.extras = saved.get("hf", {})
     self.tokenizer_sha256 = saved.get("tokenizer_sha256")
-    if saved.get("format") == FORMAT:
-      self._tokenizer = os.path.join(path, TOKENIZER)
-      if not os.path.isfile(self._tokenizer):
-        self._tokenizer = os.path.join(path, TOKENIZER_JSON)
+    data_cfg = saved.get("config", {}).get("data", {})
+    # Checkpoints from before tokenizer records: sentencepiece, EOT the last row, lima format.
+    self._recorded = saved.get("tokenizer") or {
+        "eot_id": self.fields["vocab_size"] - 1, "adds_eot": True, "chat_format": "lima",
+        "path": data_cfg.get("tokenizer_path")}
+    if saved.get("format") == FORMAT:  # an import keeps its tokenizer beside the weights
+      self.tokenizer_path = path
     else:
-      self._tokenizer = saved.get("config", {}).get("data", {}).get("tokenizer_path")
+      self.tokenizer_path = self._recorded.get("path") or data_cfg.get("tokenizer_path")
+    self.eot_id = self._recorded["eot_id"]
+    self._ckpt_dir = ckpt_dir
     self._state_dir = os.path.join(ckpt_dir, str(step), "state")
     self._shapes = None
 
-  def tokenizer(self) -> str | None:
-    """The tokenizer file the params belong to, checked against the recorded hash."""
-    if not self._tokenizer or not os.path.isfile(self._tokenizer):
+  def tokenizer(self, *, eot_token: str | None = None, chat_format: str | None = None,
+                path: str | None = None) -> ChatTokenizer | None:
+    """The tokenizer the params belong to (None when its files are gone), checked against the
+    recorded hash; its EOT and chat format as recorded unless given."""
+    path = path or self.tokenizer_path
+    if not path or not epath.Path(path).exists():
       return None
-    if self.tokenizer_sha256 and tokenizer_info(self._tokenizer)[1] != self.tokenizer_sha256:
-      raise LimaError(f"{self._tokenizer}: differs from the tokenizer {self.path} was saved with")
-    return self._tokenizer
+    tokenizer = data.load_tokenizer(
+        path, eot_token=eot_token or "", chat_format=chat_format or self._recorded["chat_format"],
+        source_rows=self.fields["vocab_size"], source_eot_id=None if eot_token else self.eot_id,
+        what="init_from" if path == self.tokenizer_path else "data.tokenizer_path")
+    if self.tokenizer_sha256 and tokenizer.sha256 != self.tokenizer_sha256:
+      raise LimaError(f"{path}: differs from the tokenizer {self.path} was saved with")
+    return tokenizer
 
   def restore(self, abstract):
     """The params alone (a run's checkpoint also holds optimizer state), onto `abstract`."""
@@ -126,7 +130,11 @@ class OrbaxParams:
   def host(self, name: str) -> np.ndarray:
     """One param (dotted name) as a host array, restored alone to bound host memory."""
     if self._shapes is None:
-      self._shapes = ocp.PyTreeCheckpointer().metadata(self._state_dir).item_metadata.tree
+      ckpts = Checkpoints(self._ckpt_dir, async_save=False)
+      try:
+        self._shapes = ckpts.state_metadata(self.step)
+      finally:
+        ckpts.close()
     tree = self._shapes["params"]
     keys = name.split(".")
     for key in keys:
@@ -152,12 +160,49 @@ def open_source(path: str):
   return OrbaxParams(path)
 
 
-def save(out_dir: str, params, fields: dict, *, tokenizer_path: str, extras: dict,
+def run_tokenizer(init_from: str, tokenizer_path: str, *, eot_token: str = "",
+                  chat_format: str = "lima", source=None) -> ChatTokenizer:
+  """The tokenizer of a training run: data.tokenizer_path, else the one init_from carries, with
+  its EOT planned against init_from's embedding rows (`vocab_plan`). `source` is init_from
+  already opened by `open_source`, if the caller has it."""
+  if not init_from:
+    return data.load_tokenizer(tokenizer_path, eot_token=eot_token, chat_format=chat_format)
+  source = source or open_source(init_from)
+  rows = source.fields["vocab_size"]
+  if isinstance(source, OrbaxParams):
+    tokenizer = source.tokenizer(eot_token=eot_token, chat_format=chat_format,
+                                 path=tokenizer_path or None)
+  else:
+    path = tokenizer_path or source.tokenizer()
+    tokenizer = path and data.load_tokenizer(path, eot_token=eot_token, chat_format=chat_format,
+                                             source_rows=rows)
+  if not tokenizer:
+    raise LimaError(f"data.tokenizer_path: is empty and init_from {init_from} carries no "
+                    "tokenizer (tokenizer.json or tokenizer.model); set it")
+  vocab_plan(rows, tokenizer, f"init_from: {init_from}")
+  return tokenizer
+
+
+def source_info(path: str, *, config_only: bool = False) -> tuple[dict, dict, bool]:
+  """(model fields, HF extras, whether the rows hold EOT) of an HF, Meta or lima_jax directory,
+  reading no weights. fields['vocab_size'] is the source's embedding rows, which already hold
+  LIMA's EOT in our own checkpoints only. The tensors' shapes are checked against the config,
+  unless config_only, where an HF directory's config.json alone is enough (the planner).
+  Raises LimaError naming the file for a source that is not usable."""
+  if config_only and os.path.isfile(os.path.join(path, hf.CONFIG)):
+    fields, extras = hf.read_config(path)
+    return fields, extras, False
+  source = open_source(path)
+  return source.fields, source.extras, isinstance(source, OrbaxParams)
+
+
+def save(out_dir: str, params, fields: dict, *, tokenizer: ChatTokenizer, extras: dict,
          source: str) -> None:
+  """Our params-only directory: the params, their metadata and the tokenizer's files."""
   if os.path.exists(out_dir) and os.listdir(out_dir):
     raise LimaError(f"{out_dir}: exists and is not empty; choose a new output directory")
-  saved = {"format": FORMAT, "model": fields, "tokenizer_sha256": tokenizer_info(tokenizer_path)[1],
-           "hf": extras, "source": source}
+  saved = {"format": FORMAT, "model": fields, "tokenizer_sha256": tokenizer.sha256,
+           "tokenizer": tokenizer.meta(), "hf": extras, "source": source}
   # The layout of `Checkpoints`, written with bounded in-flight bytes: the default handler stages
   # gigabytes at once, which on a CPU host comes on top of the params themselves.
   manager = ocp.CheckpointManager(
@@ -171,17 +216,11 @@ def save(out_dir: str, params, fields: dict, *, tokenizer_path: str, extras: dic
                                                META: ocp.args.JsonSave(saved)}))
   finally:
     manager.close()
-  if os.path.basename(tokenizer_path) == TOKENIZER_JSON:
-    shutil.copyfile(tokenizer_path, os.path.join(out_dir, TOKENIZER_JSON))
-    beside = os.path.join(os.path.dirname(tokenizer_path), TOKENIZER_CONFIG)
-    if os.path.isfile(beside):
-      shutil.copyfile(beside, os.path.join(out_dir, TOKENIZER_CONFIG))
-  else:
-    shutil.copyfile(tokenizer_path, os.path.join(out_dir, TOKENIZER))
+  tokenizer.write_files(out_dir)
 
 
 def check_model(fields: dict, model_cfg: LlamaConfig, path: str) -> None:
-  """The run's config must describe the imported model exactly: name the key to change."""
+  """The model must be the imported one exactly (`train.model_config` takes it from there)."""
   for key in layout.MODEL_KEYS:
     want, have = getattr(model_cfg, key), fields[key]
     if want == have:
@@ -189,35 +228,33 @@ def check_model(fields: dict, model_cfg: LlamaConfig, path: str) -> None:
     if key == "vocab_size":
       raise LimaError(f"data.tokenizer_path: gives a vocabulary of {want} (with EOT), but "
                       f"{path} holds {have}")
-    raise LimaError(f"model.{key}: the config says {want!r}, but {path} holds {have!r}; "
-                    f"set --config.model.{key}={have!r}")
+    raise LimaError(f"model.{key}: the model has {want!r}, but {path} holds {have!r}")
 
 
-def load_params(path: str, trainer: Trainer, tokenizer_sha256: str):
-  """Params for `trainer` from an HF, Meta or lima_jax directory, placed on its shardings."""
+def load_params(path: str, trainer: Trainer, tokenizer: dict):
+  """Params for `trainer` from an HF, Meta or lima_jax directory, placed on its shardings.
+  `tokenizer` is the run's `ChatTokenizer.meta()`, planned by `run_tokenizer` for `path`."""
   source = open_source(path)
   model_cfg = trainer.model_cfg
   abstract = trainer.abstract_state["params"]
+  add_eot = False
   if isinstance(source, OrbaxParams):
-    fields, add_eot = source.fields, False
-    sha = source.tokenizer_sha256
+    fields = source.fields
+    if source.tokenizer_sha256 and source.tokenizer_sha256 != tokenizer["sha256"]:
+      raise LimaError(f"data.tokenizer_path: differs from the tokenizer of {path}")
   else:
-    vocab, add_eot = vocab_plan(source.fields["vocab_size"], model_cfg.vocab_size - 1,
-                                f"data.tokenizer_path: with {path}")
-    fields = dict(source.fields, vocab_size=vocab)
-    tokenizer = source.tokenizer()
-    sha = tokenizer_info(tokenizer)[1] if tokenizer else None
+    add_eot = bool(tokenizer["adds_eot"])
+    fields = dict(source.fields, vocab_size=source.fields["vocab_size"] + add_eot)
   check_model(fields, model_cfg, path)
-  if sha and sha != tokenizer_sha256:
-    raise LimaError(f"data.tokenizer_path: differs from the tokenizer of {path}")
   if isinstance(source, OrbaxParams):
     return source.restore(abstract)
   return layout.place(source, abstract, add_eot)
 
 
-def init_state(trainer: Trainer, path: str, tokenizer_sha256: str) -> dict:
-  """A fresh train state whose params come from `path`; the optimizer starts from zero."""
-  params = load_params(path, trainer, tokenizer_sha256)
+def init_state(trainer: Trainer, path: str, tokenizer: dict) -> dict:
+  """A fresh train state whose params come from `path`; the optimizer starts from zero.
+  `tokenizer`: the run's `ChatTokenizer.meta()`."""
+  params = load_params(path, trainer, tokenizer)
   shardings = trainer.state_shardings
   opt_state = jax.jit(trainer.optimizer.init, out_shardings=shardings["opt_state"])(params)
   step = jax.device_put(np.zeros((), np.int32), shardings["step"])
