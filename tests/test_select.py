@@ -238,6 +238,7 @@ def test_epoch_zero_shows_the_starting_params(tmp_path):
   cfg.model.d_model, cfg.model.n_layers, cfg.model.ffn_dim = 64, 2, 128
   cfg.checkpoint.max_to_keep = 1
   cfg.eval.generate_epochs, cfg.eval.max_new_tokens = (0, 1), 8
+  cfg.optimizer.warmup_steps = 0  # the run has 3 steps
   workdir = str(tmp_path / "run")
   train.run(cfg, workdir)
   assert run_files.generated_epochs(workdir) == [0, 1]
