@@ -342,6 +342,7 @@ def _restore_or_init(ckpts, trainer, cfg, meta, workdir):
   """(state, step, the epoch's loss sums so far) from the newest readable checkpoint, or a fresh
   state at step 0."""
   def same_run(saved):
+    _check_same_chat_tokens(saved.get("tokenizer") or {}, meta["tokenizer"], workdir)
     checkpoint.check_same_model(saved, meta["model"], workdir)
     checkpoint.check_same_schedule(saved, meta, workdir)
     if saved.get("tokenizer_sha256") != meta["tokenizer_sha256"]:
@@ -361,6 +362,21 @@ def _restore_or_init(ckpts, trainer, cfg, meta, workdir):
   else:
     state = trainer.init(cfg.seed)
   return state, 0, (0.0, 0.0)
+
+
+def _check_same_chat_tokens(saved: dict, current: dict, workdir: str) -> None:
+  """A resume keeps the EOT and chat format the checkpoints learned: a run switching them midway
+  would train on two formats. `saved` is the checkpoint's tokenizer record (empty for runs older
+  than the record), `current` this run's `ChatTokenizer.meta()`."""
+  changed = [(key, saved[name], current[name]) for key, name in (
+      ("data.eot_token", "eot_id"), ("data.chat_format", "chat_format"))
+      if name in saved and saved[name] != current[name]]
+  if changed:
+    raise LimaError(
+        f"{', '.join(key for key, _, _ in changed)}: the checkpoints in {workdir} were trained "
+        f"with {', '.join(f'{name}={old!r}' for name, old, _ in changed)}, this config gives "
+        f"{', '.join(f'{new!r}' for _, _, new in changed)}; rerun with the workdir's values, or "
+        f"train in a fresh --workdir with --config.init_from={workdir}")
 
 
 def default_workdir(config_path: str) -> str:

@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 # pylint: disable=wrong-import-position
-from helpers import ROOT
+from helpers import ROOT, randomize
 from test_convert import PIECES, TOKENIZER, hf_logits, our_logits, to_meta
 
 from lima_jax import config, convert, data, plan, topology, train
@@ -36,13 +36,7 @@ def make_scaled_hf(path, rope, *, theta=10_000.0, seed=0, vocab=PIECES, **dims):
   cfg = transformers.LlamaConfig(
       vocab_size=vocab, rms_norm_eps=1e-5, max_position_embeddings=512,
       rope_parameters=dict(rope, rope_theta=theta), **dict(DIMS, **dims))
-  model = transformers.LlamaForCausalLM(cfg).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if name.endswith("norm.weight"):
-        p.copy_(1 + 0.1 * torch.randn_like(p))
-      else:
-        p.normal_(0, 0.4 if ("q_proj" in name or "k_proj" in name) else 0.1)
+  model = randomize(transformers.LlamaForCausalLM(cfg).eval(), qk_std=0.4)
   model.save_pretrained(path)
   shutil.copyfile(TOKENIZER, os.path.join(path, "tokenizer.model"))
   return model
