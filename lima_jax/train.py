@@ -368,15 +368,15 @@ def _check_same_chat_tokens(saved: dict, current: dict, workdir: str) -> None:
   """A resume keeps the EOT and chat format the checkpoints learned: a run switching them midway
   would train on two formats. `saved` is the checkpoint's tokenizer record (empty for runs older
   than the record), `current` this run's `ChatTokenizer.meta()`."""
-  changed = [(key, saved[name], current[name]) for key, name in (
-      ("data.eot_token", "eot_id"), ("data.chat_format", "chat_format"))
+  changed = [(key, label, saved[name], current[name]) for key, label, name in (
+      ("data.eot_token", "EOT id", "eot_id"), ("data.chat_format", "chat format", "chat_format"))
       if name in saved and saved[name] != current[name]]
   if changed:
     raise LimaError(
-        f"{', '.join(key for key, _, _ in changed)}: the checkpoints in {workdir} were trained "
-        f"with {', '.join(f'{name}={old!r}' for name, old, _ in changed)}, this config gives "
-        f"{', '.join(f'{new!r}' for _, _, new in changed)}; rerun with the workdir's values, or "
-        f"train in a fresh --workdir with --config.init_from={workdir}")
+        f"{', '.join(c[0] for c in changed)}: the checkpoints in {workdir} were trained with "
+        f"{', '.join(f'{label} {old!r}' for _, label, old, _ in changed)}, this config gives "
+        f"{', '.join(f'{label} {new!r}' for _, label, _, new in changed)}; rerun with the "
+        f"workdir's values, or train in a fresh --workdir with --config.init_from={workdir}")
 
 
 def default_workdir(config_path: str) -> str:

@@ -93,7 +93,7 @@ def test_a_rerun_with_another_eot_is_refused_naming_the_key(finished):
   cfg.data.eot_token = "</s>"
   before = tree_hashes(os.path.join(finished, "checkpoints"))
   with pytest.raises(LimaError, match=r"^data\.eot_token: the checkpoints in .* were trained "
-                                      r"with eot_id=1000, this config gives 2; "):
+                                      r"with EOT id 1000, this config gives EOT id 2; "):
     train.run(cfg, finished)
   assert tree_hashes(os.path.join(finished, "checkpoints")) == before
 
