@@ -126,7 +126,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   # LIMA chose its checkpoint among epochs 5-10 by reading dev generations. Epochs past
-  # train.epochs never come; the params of each listed epoch are kept for selection.
+  # train.epochs never come; the params of each listed epoch are kept for selection. Epoch 0 is
+  # the params a fresh run starts from (e.g. the imported model), before the first step.
   c.eval.generate_epochs = (5, 6, 7, 8, 9, 10)
   c.eval.max_new_tokens = 2048
 
@@ -206,8 +207,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(c.train.micro_batch_rows >= -1, "train.micro_batch_rows",
            "must be a row count, 0 (one row per batch shard) or -1 (a step at once)")
   epochs = tuple(c.eval.generate_epochs)
-  _require(all(isinstance(e, int) and e >= 1 for e in epochs), "eval.generate_epochs",
-           f"must list epoch numbers >= 1, got {epochs}")
+  _require(all(isinstance(e, int) and e >= 0 for e in epochs), "eval.generate_epochs",
+           f"must list epoch numbers >= 0 (0 = before training), got {epochs}")
   _require(c.eval.max_new_tokens > 0, "eval.max_new_tokens", "must be positive")
   for key, message in generate_problems(c.generate):
     raise LimaError(f"config generate.{key}: {message}")

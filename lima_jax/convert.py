@@ -2,16 +2,21 @@
 
   python -m lima_jax.convert hf-to-orbax   HF_DIR   OUT_DIR   # config.json + *.safetensors
   python -m lima_jax.convert meta-to-orbax META_DIR OUT_DIR   # params.json + consolidated.*.pth
+  python -m lima_jax.convert gguf-to-orbax MODEL.gguf OUT_DIR # llama.cpp's format, dequantised
+  python -m lima_jax.convert gguf-to-hf    MODEL.gguf OUT_DIR # the same, as an HF directory
   python -m lima_jax.convert orbax-to-hf   CKPT_DIR OUT_DIR   # for transformers / vLLM
 
-Imports add LIMA's EOT token (a new row after the weights' rows, the mean of the others; or
---eot-token names an existing one), pad the vocabulary for the TPU and copy the tokenizer's
-files next to the weights; train from the result with `--config.init_from=OUT_DIR`. CKPT_DIR
-is such an import or a training workdir (its latest
-checkpoint, or --step). Every conversion reports the peak host memory it used.
+HF and Meta imports add LIMA's EOT token (a new row after the weights' rows, the mean of the
+others; or --eot-token names an existing one), pad the vocabulary for the TPU and copy the
+tokenizer's files next to the weights; train from the result with `--config.init_from=OUT_DIR`.
+A GGUF file's tokenizer, rebuilt from its metadata, is written as tokenizer.json; its EOT is the
+file's own end token (`<|im_end|>` for chat models such as SmolLM2) unless --eot-token names
+another, so the vocabulary stays as it is. CKPT_DIR is such an import or a training workdir
+(its latest checkpoint, or --step). Every conversion reports the peak host memory it used.
 """
 
 import argparse
+import os
 import resource
 import sys
 import time
@@ -24,7 +29,7 @@ from lima_jax import data, sharding
 from lima_jax.cli import quiet_logs
 from lima_jax.errors import LimaError
 from lima_jax.model import LlamaConfig
-from lima_jax.weights import hf, layout, meta, pretrained
+from lima_jax.weights import gguf, hf, layout, meta, pretrained
 
 _DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
@@ -55,6 +60,47 @@ def import_model(source, out_dir: str, *, tokenizer: str | None = None, eot_toke
   return fields
 
 
+def import_gguf(path: str, out_dir: str, *, eot_token: str = "", param_dtype: str = "float32",
+                mesh=None) -> dict:
+  """A GGUF file, dequantised and streamed onto the mesh, saved as our params dir with the
+  tokenizer rebuilt from its metadata. EOT: `eot_token`, default the file's own end token.
+  Returns the model fields written."""
+  source = gguf.GgufSource(path)
+  return import_model(source, out_dir, eot_token=eot_token or source.eos_token(),
+                      param_dtype=param_dtype, mesh=mesh)
+
+
+class _Layers:
+  """A stacked param of a source, one layer at a time: `hf.write_dir` indexes it by layer."""
+
+  def __init__(self, source, name: str):
+    self._source, self._name = source, name
+
+  def __getitem__(self, layer: int):
+    return self._source.tensor(self._name, layer)
+
+
+def gguf_to_hf(path: str, out_dir: str, *, eot_token: str = "", dtype: str = "float32",
+               shard_gb: float = 5.0) -> list[str]:
+  """A GGUF file as an HF directory (safetensors, config.json, tokenizer.json with the file's
+  chat template), one tensor dequantised at a time."""
+  source = gguf.GgufSource(path)
+  if os.path.exists(out_dir) and os.listdir(out_dir):
+    raise LimaError(f"{out_dir}: exists and is not empty; choose a new output directory")
+  has_template = source.value("tokenizer.chat_template") is not None
+  tokenizer = data.load_tokenizer(source.tokenizer(), eot_token=eot_token or source.eos_token(),
+                                  chat_format="template" if has_template else "lima",
+                                  source_rows=source.fields["vocab_size"], what=path)
+
+  def fetch(full):
+    if full.startswith("blocks."):
+      return _Layers(source, full[len("blocks."):])
+    return source.tensor(full)
+
+  return hf.write_dir(out_dir, source.fields, fetch, tokenizer=tokenizer, extras=source.extras,
+                      dtype=_DTYPES[dtype], shard_bytes=int(shard_gb * (1 << 30)))
+
+
 def export_hf(ckpt_dir: str, out_dir: str, *, step: int | None = None,
               dtype: str | None = None, shard_gb: float = 5.0) -> list[str]:
   """Writes an HF directory from our checkpoint, one param on the host at a time."""
@@ -83,6 +129,16 @@ def _parser() -> argparse.ArgumentParser:
                      "(e.g. '<|eot_id|>'); default: a new token after the vocabulary")
     sub.add_argument("--dtype", choices=sorted(_DTYPES), default="float32",
                      help="dtype of the saved params (training keeps fp32 params)")
+  for name, what in (("gguf-to-orbax", "our params checkpoint"), ("gguf-to-hf", "HF_DIR")):
+    sub = commands.add_parser(name, help=f"MODEL.gguf (LLaMA architecture) -> {what}")
+    sub.add_argument("source", metavar="MODEL.gguf")
+    sub.add_argument("out", metavar="OUT_DIR")
+    sub.add_argument("--eot-token", default="", help="the token that ends a turn (default: the "
+                     "file's own end token, tokenizer.ggml.eos_token_id)")
+    sub.add_argument("--dtype", choices=sorted(_DTYPES), default="float32",
+                     help="dtype the weights are dequantised to")
+    if name == "gguf-to-hf":
+      sub.add_argument("--shard-gb", type=float, default=5.0, help="safetensors shard size")
   sub = commands.add_parser("orbax-to-hf", help="our checkpoint -> HF_DIR")
   sub.add_argument("source", metavar="CKPT_DIR")
   sub.add_argument("out", metavar="OUT_DIR")
@@ -101,6 +157,15 @@ def main(argv=None) -> int:
       files = export_hf(args.source, args.out, step=args.step, dtype=args.dtype,
                         shard_gb=args.shard_gb)
       what = f"{len(files)} safetensors file(s)"
+    elif args.command == "gguf-to-hf":
+      files = gguf_to_hf(args.source, args.out, eot_token=args.eot_token, dtype=args.dtype,
+                         shard_gb=args.shard_gb)
+      what = f"{len(files)} safetensors file(s) + tokenizer.json"
+    elif args.command == "gguf-to-orbax":
+      fields = import_gguf(args.source, args.out, eot_token=args.eot_token,
+                           param_dtype=args.dtype)
+      what = (f"{fields['n_layers']} layers, d_model {fields['d_model']}, vocabulary "
+              f"{fields['vocab_size']}, tokenizer.json, on {jax.device_count()} device(s)")
     else:
       opener = hf.HfSource if args.command == "hf-to-orbax" else meta.MetaSource
       fields = import_model(opener(args.source), args.out, tokenizer=args.tokenizer,

@@ -105,6 +105,8 @@ def train_steps(setup, cfg, state, steps: range, ckpts, reporter,
   cadence = Cadence(cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes)
   bad_steps = 0
   record, epoch_loss = {}, list(epoch_loss)
+  if steps.start == 0 and 0 in setup.generations.epochs:
+    _end_of_epoch(setup, state, 0, None, reporter)  # epoch 0: the params training starts from
   with StopRequest(lambda: _newest_checkpoint(ckpts)) as stop:
     def hold(done):  # True: the loop needs the state after step `done`
       return (done % setup.plan.steps_per_epoch == 0 or done == steps.stop
@@ -220,8 +222,10 @@ def _read(setup, running, previous_done) -> tuple[dict, float]:
 
 
 def _end_of_epoch(setup, state, step, epoch_loss, reporter) -> None:
+  """Dev loss and perplexity, the epoch's record and its dev generations; at step 0 (no train
+  loss) for the starting params, as epoch 0."""
   epoch = step // setup.plan.steps_per_epoch
-  summary = {"loss": epoch_loss[0] / max(epoch_loss[1], 1)}
+  summary = {} if epoch_loss is None else {"loss": epoch_loss[0] / max(epoch_loss[1], 1)}
   if setup.dev is not None:
     summary.update({f"dev_{k}": v
                     for k, v in setup.dev.evaluate(setup.trainer, state["params"]).items()})

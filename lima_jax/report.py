@@ -128,10 +128,14 @@ def _epoch_rows(run: Run) -> list[list[str]]:
   rows = []
   for n in numbers:
     e = summary.get(n, {})
-    rows.append([f"{n} (chosen)" if n == chosen else str(n), str(e.get("step", "-")),
+    rows.append([f"{_label(n)} (chosen)" if n == chosen else _label(n), str(e.get("step", "-")),
                  num(e, "loss"), num(e, "dev_loss"), num(e, "dev_perplexity"),
                  str(len(run.generations.get(n, []))), run.kept.get(n, "not kept")])
   return rows
+
+
+def _label(epoch: int) -> str:
+  return "0 (before training)" if epoch == 0 else str(epoch)
 
 
 _HEADERS = ["epoch", "step", "train loss", "dev loss", "dev perplexity", "generations", "params"]
@@ -196,7 +200,8 @@ def render_html(run: Run) -> str:
     parts.append('<div class="grid">')
     for epoch, record in sorted(answers.items()):
       mark = " chosen" if epoch == chosen else ""
-      parts.append(f'<div class="cell{mark}" data-epoch="{epoch}"><b>Epoch {epoch}</b> '
+      parts.append(f'<div class="cell{mark}" data-epoch="{epoch}">'
+                   f'<b>Epoch {_esc(_label(epoch))}</b> '
                    f'<span class="meta">{record["tokens"]} tokens, stopped at '
                    f'{_esc(record["stopped"])}</span><div class="text">'
                    f'{_esc(record["generation"])}</div></div>')
@@ -235,7 +240,7 @@ def render_markdown(run: Run, plot_files: dict[str, str]) -> str:
       text = record["generation"]
       fence = _fence(text)
       star = " (chosen)" if epoch == chosen else ""
-      lines += [f"**Epoch {epoch}{star}** — {record['tokens']} tokens, stopped at "
+      lines += [f"**Epoch {_label(epoch)}{star}** — {record['tokens']} tokens, stopped at "
                 f"{record['stopped']}", "", fence, text, fence, ""]
   return "\n".join(lines) + "\n"
 

@@ -226,3 +226,28 @@ def test_choose_orbax_export_carries_the_tokenizer(workdir, tmp_path):
   tok = pretrained.OrbaxParams(out).tokenizer()
   assert (tok.eot_id, tok.vocab_size) == (1000, 1001)
   assert convert.main(["orbax-to-hf", out, str(tmp_path / "hf")]) == 0
+
+
+def test_epoch_zero_shows_the_starting_params(tmp_path):
+  """eval.generate_epochs=(0, ...): before the first step the starting params get their dev
+  loss and generations as epoch 0, kept for --choose=0, and the report shows them beside the
+  trained epochs. Without the epoch-0 pass there is no epoch_0.jsonl and no epoch 0 row."""
+  cfg = config.from_file(os.path.join(ROOT, "configs", "toy.py"))
+  cfg.data.max_length = 128
+  cfg.train.batch_size, cfg.train.epochs = 32, 1
+  cfg.model.d_model, cfg.model.n_layers, cfg.model.ffn_dim = 64, 2, 128
+  cfg.checkpoint.max_to_keep = 1
+  cfg.eval.generate_epochs, cfg.eval.max_new_tokens = (0, 1), 8
+  cfg.optimizer.warmup_steps = 0  # the run has 3 steps
+  workdir = str(tmp_path / "run")
+  train.run(cfg, workdir)
+  assert run_files.generated_epochs(workdir) == [0, 1]
+  assert sorted(run_files.kept_epochs(workdir)) == [0, 1]
+  _, epochs = run_files.read_metrics(workdir)
+  zero = [e for e in epochs if e["epoch"] == 0]
+  assert len(zero) == 1 and zero[0]["step"] == 0 and "loss" not in zero[0]
+  assert zero[0]["dev_loss"] > 6.0  # the random init: about ln(1001) = 6.9
+  assert cli("select", f"--workdir={workdir}").returncode == 0
+  with open(os.path.join(workdir, "report.md"), encoding="utf-8") as f:
+    report = f.read()
+  assert "**Epoch 0 (before training)**" in report and "**Epoch 1**" in report

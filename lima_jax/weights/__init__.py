@@ -4,5 +4,6 @@
   layout          our param tree vs per-layer tensors: views, streaming placement, EOT rows
   hf              Hugging Face directories: config.json + safetensors, both directions
   meta            Meta's original release: params.json + consolidated.*.pth
+  gguf            llama.cpp's GGUF files: dequantised tensors, tokenizer.json from the metadata
   pretrained      our params-only Orbax directory, and `init_from` for training
 """
