@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 from helpers import ROOT, randomize
 from test_convert import PIECES, TOKENIZER, hf_logits, our_logits, to_meta
 
-from lima_jax import config, convert, data, plan, topology, train
+from lima_jax import config, config_cli, convert, data, plan, topology, train
 from lima_jax.errors import LimaError
 from lima_jax.weights import pretrained
 
@@ -110,7 +110,7 @@ def test_other_rope_types_are_refused_naming_them(tmp_path):
 def _run_config(init_from, workdir_max_length=512):
   """The toy run (8 devices over data, fsdp and tensor) from `init_from`, no model.* key set:
   the shape comes from the weights."""
-  cfg = config.from_file(train.DEFAULT_CONFIG)
+  cfg = config.from_file(config_cli.DEFAULT_CONFIG)
   cfg.init_from = str(init_from)
   cfg.data.dev_path = ""
   cfg.data.max_length = workdir_max_length

@@ -16,7 +16,7 @@ import pytest
 
 transformers = pytest.importorskip("transformers")
 
-from lima_jax import config, data  # pylint: disable=wrong-import-position
+from lima_jax import config, config_cli, data  # pylint: disable=wrong-import-position
 from lima_jax.data import tokenizer as backends  # pylint: disable=wrong-import-position
 from lima_jax.errors import LimaError  # pylint: disable=wrong-import-position
 from lima_jax.weights import hf_tokenizer  # pylint: disable=wrong-import-position
@@ -355,7 +355,7 @@ def test_first_step_loss_matches_transformers(sources, tmp_path, chat_format):
   train_path.write_text("".join(json.dumps({"conversations": t, "source": "s"}) + "\n"
                                 for t in chosen))
 
-  cfg = config.from_file(train.DEFAULT_CONFIG)
+  cfg = config.from_file(config_cli.DEFAULT_CONFIG)
   cfg.init_from, cfg.data.tokenizer_path = str(hf_dir), ""
   cfg.data.train_path, cfg.data.dev_path, cfg.data.max_length = str(train_path), "", 768
   cfg.data.chat_format = chat_format
@@ -391,7 +391,7 @@ def test_run_config_errors_name_the_key(tmp_path):
   """train.prepare refuses an EOT the tokenizer lacks and an unknown chat format in one line,
   before anything is written."""
   from lima_jax import train  # pylint: disable=import-outside-toplevel
-  cfg = config.from_file(train.DEFAULT_CONFIG)
+  cfg = config.from_file(config_cli.DEFAULT_CONFIG)
   cfg.mesh.cpu_devices = 0
   cfg.data.eot_token = "<|eot_id|>"
   with pytest.raises(LimaError, match=r"^config data\.eot_token: '<\|eot_id\|>' is not a token"):
