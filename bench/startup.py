@@ -22,12 +22,12 @@ def measure(epochs: int) -> dict:
   seconds = {}
   started = time.perf_counter()
   import jax  # pylint: disable=import-outside-toplevel
-  from lima_jax import checkpoint, config, loop  # pylint: disable=import-outside-toplevel
+  from lima_jax import checkpoint, config, config_cli, loop  # pylint: disable=import-outside-toplevel
   from lima_jax import train  # pylint: disable=import-outside-toplevel
   from lima_jax.cli import quiet_logs  # pylint: disable=import-outside-toplevel
   seconds["imports"] = time.perf_counter() - started
   quiet_logs()
-  cfg = config.from_file(train.DEFAULT_CONFIG)
+  cfg = config.from_file(config_cli.DEFAULT_CONFIG)
   cfg.train.epochs = epochs
   phase_start = time.perf_counter()
 

@@ -31,7 +31,7 @@ if __name__ == "__main__" and not any(a == "--config" or a.startswith("--config=
 from absl import app, flags
 from ml_collections import config_flags
 
-from lima_jax import convert, fetch, run_files, select, train
+from lima_jax import config_cli, convert, fetch, run_files, select, train
 from lima_jax.cli import fail, quiet_logs
 from lima_jax.errors import LimaError
 
@@ -71,9 +71,9 @@ def main(argv):
     fail(f"command line: unexpected arguments: {' '.join(argv[1:])} (flags look like --x=y)")
   quiet_logs()
   started = time.perf_counter()
-  cfg = train.load_config()
+  cfg = config_cli.load_config()
   workdir = (flags.FLAGS["workdir"].value or cfg.workdir or
-             train.default_workdir(config_flags.get_config_filename(flags.FLAGS["config"])))
+             config_cli.default_workdir(config_flags.get_config_filename(flags.FLAGS["config"])))
   try:
     if cfg.init_from == fetch.import_dir():
       prepare_weights()
@@ -89,4 +89,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=train.parse_flags)
+  app.run(main, flags_parser=config_cli.parse_flags)

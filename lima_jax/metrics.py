@@ -1,14 +1,21 @@
 """Where a run reports: metrics.jsonl, TensorBoard events and a progress bar.
 
 Only process 0 writes; on other hosts every method is a no-op, so callers need not check.
+A remote workdir (gs://) cannot be appended to: the files are written to a local mirror
+(`local_mirror`) and copied to the workdir at every epoch's end and when the run stops.
 """
 
+import hashlib
 import json
 import os
+import shutil
 
 import jax
 import tqdm
+from etils import epath
 from tensorboardX import SummaryWriter
+
+JSONL = ("metrics.jsonl", "epochs.jsonl")
 
 
 class RunReporter:
@@ -17,12 +24,21 @@ class RunReporter:
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
+    self._remote = workdir if "://" in workdir else None
+    if self._remote:
+      workdir = local_mirror(workdir)
+      shutil.rmtree(workdir, ignore_errors=True)  # what an earlier run left: the remote rules
     os.makedirs(workdir, exist_ok=True)
     self._workdir = workdir
+    if self._remote:  # the remote files are the record: a resumed run continues them
+      for name in JSONL:
+        source = epath.Path(self._remote) / name
+        if source.exists():
+          source.copy(epath.Path(workdir) / name, overwrite=True)
     # Appending keeps the history of a resumed run in one file; rows past the step it resumes
     # from (logged before the run was stopped, after its newest checkpoint) are dropped first,
     # since the resumed run logs those steps again: each step has one row.
-    for name in ("metrics.jsonl", "epochs.jsonl"):
+    for name in JSONL:
       _drop_rows_after(os.path.join(workdir, name), initial_step)
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
     self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -52,6 +68,7 @@ class RunReporter:
     with open(os.path.join(self._workdir, "epochs.jsonl"), "a", encoding="utf-8") as f:
       f.write(json.dumps({"epoch": epoch, "step": step, **summary}) + "\n")
     self._bar.write(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
+    self._upload()
 
   def message(self, text: str) -> None:
     if self.enabled:
@@ -63,6 +80,24 @@ class RunReporter:
     self._bar.close()
     self._tb.close()
     self._jsonl.close()
+    self._upload()
+
+  def _upload(self) -> None:
+    """A remote workdir gets the mirror's files whole (objects there are written, not appended)."""
+    if not self._remote:
+      return
+    for base, _, names in os.walk(self._workdir):
+      for name in names:
+        local = os.path.join(base, name)
+        target = epath.Path(self._remote) / os.path.relpath(local, self._workdir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        epath.Path(local).copy(target, overwrite=True)
+
+
+def local_mirror(workdir: str) -> str:
+  """The local directory that holds a remote workdir's metrics while a run writes them."""
+  digest = hashlib.sha256(workdir.encode()).hexdigest()[:16]
+  return os.path.join(os.path.expanduser("~/.cache/lima_jax/runs"), digest)
 
 
 def _drop_rows_after(path: str, step: int) -> None:

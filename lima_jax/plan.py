@@ -24,7 +24,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from lima_jax import config, data, optim, sharding, topology, train, wall_time
+from lima_jax import config, config_cli, data, optim, sharding, topology, train, wall_time
 from lima_jax.cli import fail, quiet_logs, use_fake_cpu_devices
 from lima_jax.errors import LimaError
 from lima_jax.model import residual_dropout_rates
@@ -101,7 +101,7 @@ def plan_run(cfg, topo: topology.Topology, *, num_examples: int | None = None,
   total_steps = epochs.steps_per_epoch * cfg.train.epochs
   optimizer, schedule = optim.make_optimizer(cfg.optimizer, total_steps)
   model_cfg = train.model_config(cfg.model, vocab, source and source[0],
-                                 pinned=train.pinned_model_keys(),
+                                 pinned=config_cli.pinned_model_keys(),
                                  where=f"init_from {cfg.init_from}")
   trainer = Trainer(model_cfg, optimizer, schedule, mesh, cfg.seed,
                     loss_chunk_tokens=cfg.train.loss_chunk_tokens)
@@ -388,7 +388,7 @@ def main(argv) -> None:
   quiet_logs()
   # The plan compiles for fake CPU devices even on a TPU host.
   jax.config.update("jax_platforms", "cpu")
-  cfg = train.load_config()  # first: --show_config needs no topology
+  cfg = config_cli.load_config()  # first: --show_config needs no topology
   if not _TOPOLOGY.value:
     fail("--topology: required, e.g. --topology=v5p-32 (v4-N, v5e-N, v5p-N, v6e-N, cpu:N)")
   name = config_flags.get_config_filename(flags.FLAGS["config"])
@@ -421,4 +421,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=train.parse_flags)
+  app.run(main, flags_parser=config_cli.parse_flags)

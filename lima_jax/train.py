@@ -12,12 +12,10 @@ checkpoint; the data order and dropout follow from the step, so the result is th
 import dataclasses
 import importlib.util
 import os
-import re
 import sys
 import time
 
 import jax
-import ml_collections
 import numpy as np
 from absl import app, flags
 from etils import epath
@@ -26,6 +24,7 @@ from ml_collections import config_flags
 
 from lima_jax import checkpoint, config, data, generate, loop, optim, sharding
 from lima_jax.cli import fail, quiet_logs, use_compile_cache, use_fake_cpu_devices
+from lima_jax.config_cli import default_workdir, load_config, parse_flags, pinned_model_keys
 from lima_jax.errors import LimaError
 from lima_jax.metrics import RunReporter
 from lima_jax.model import LlamaConfig
@@ -33,77 +32,8 @@ from lima_jax.train_state import Trainer
 from lima_jax.weights import layout
 from lima_jax.workdir_lock import WorkdirLock
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              "configs", "toy.py")
-
-
-_OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")  # ml_collections' override syntax
-
-
-def _config_file(argv) -> str:
-  """The config file the command line names (the last --config wins, as in absl)."""
-  path = DEFAULT_CONFIG
-  for i, arg in enumerate(argv):
-    if arg.startswith("--config="):
-      path = arg.split("=", 1)[1]
-    elif arg == "--config" and i + 1 < len(argv):
-      path = argv[i + 1]
-  return path
-
-
-def _unknown_part(cfg, key: str) -> str | None:
-  """None when the dotted `key` names a field of `cfg`; else what is wrong ("" = no such key)."""
-  node, walked = cfg, []
-  for part in key.split("."):
-    if not isinstance(node, ml_collections.ConfigDict):
-      return f"{'.'.join(walked)} is a value, not a section"
-    if part not in node:
-      return ""
-    node, walked = node[part], walked + [part]
-  return None
-
-
-def _unknown_config_key(error: Exception) -> None:
-  """Names the override that matches no key, with ml_collections' "Did you mean" hint.
-
-  The key is found by walking the config file's own keys: ml_collections words its KeyError
-  differently across versions (1.1 nests it in an AttributeError), so only the hint line is
-  taken from its message, and kept when there is one.
-  """
-  path = _config_file(sys.argv[1:])
-  try:
-    cfg = config.from_file(path)
-  except Exception:  # pylint: disable=broad-except  # the file's own error is reported below
-    cfg = None
-  while error.args and isinstance(error.args[0], BaseException):
-    error = error.args[0]  # AttributeError(KeyError(message))
-  message = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
-  hints = [line.strip() for line in message.splitlines()[1:] if "did you mean" in line.lower()]
-  for match in filter(None, map(_OVERRIDE.match, sys.argv[1:])):
-    why = None if cfg is None else _unknown_part(cfg, match.group(1))
-    if why is not None:
-      fail(" ".join([f"--config.{match.group(1)}: no such config key"
-                     f"{f': {why}' if why else ''}{'.' if hints else ''}", *hints,
-                     "(--show_config lists every key)"]))
-  fail(f"--config: {path}: {type(error).__name__}: {message}")
-
-
-def _define_config_flag():
-  # ml_collections applies `--config.x=...` overrides of the default file while defining the
-  # flag, so an unknown key surfaces here.
-  try:
-    return config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Training config file.",
-                                           lock_config=True)
-  except (AttributeError, KeyError) as e:
-    _unknown_config_key(e)
-
-
-_CONFIG = _define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, logs); "
                                "local or gs://. Default: config.workdir or workdir/<config name>.")
-_SHOW_CONFIG = flags.DEFINE_boolean(
-    "show_config", False, "Print every key of the resolved config (the file with the "
-    "--config.* overrides applied) with its value, then exit without touching the workdir.")
 _MULTIHOST = flags.DEFINE_boolean(
     "multihost", None, "Join the other processes of a multi-host run (jax.distributed). "
     "Default: when JAX_COORDINATOR_ADDRESS is set or on a Cloud TPU VM.")
@@ -133,18 +63,6 @@ def model_config(model_section, vocab_size: int, source: dict | None = None, *,
           "its weights)")
     values.update({k: source[k] for k in SHAPE_KEYS})
   return LlamaConfig(vocab_size=vocab_size, **values)
-
-
-def command_line_keys() -> set[str]:
-  """The keys set by --config.KEY=VALUE on this process's command line (none when the trainer is
-  called as a library)."""
-  if not flags.FLAGS.is_parsed():
-    return set()
-  return set(config_flags.get_override_values(flags.FLAGS["config"]))
-
-
-def pinned_model_keys() -> set[str]:
-  return {k.split(".", 1)[1] for k in command_line_keys() if k.startswith("model.")}
 
 
 def init_source(cfg):
@@ -342,6 +260,7 @@ def _restore_or_init(ckpts, trainer, cfg, meta, workdir):
   """(state, step, the epoch's loss sums so far) from the newest readable checkpoint, or a fresh
   state at step 0."""
   def same_run(saved):
+    _check_same_chat_tokens(saved.get("tokenizer") or {}, meta["tokenizer"], workdir)
     checkpoint.check_same_model(saved, meta["model"], workdir)
     checkpoint.check_same_schedule(saved, meta, workdir)
     if saved.get("tokenizer_sha256") != meta["tokenizer_sha256"]:
@@ -363,8 +282,19 @@ def _restore_or_init(ckpts, trainer, cfg, meta, workdir):
   return state, 0, (0.0, 0.0)
 
 
-def default_workdir(config_path: str) -> str:
-  return os.path.join("workdir", os.path.splitext(os.path.basename(config_path))[0])
+def _check_same_chat_tokens(saved: dict, current: dict, workdir: str) -> None:
+  """A resume keeps the EOT and chat format the checkpoints learned: a run switching them midway
+  would train on two formats. `saved` is the checkpoint's tokenizer record (empty for runs older
+  than the record), `current` this run's `ChatTokenizer.meta()`."""
+  changed = [(key, label, saved[name], current[name]) for key, label, name in (
+      ("data.eot_token", "EOT id", "eot_id"), ("data.chat_format", "chat format", "chat_format"))
+      if name in saved and saved[name] != current[name]]
+  if changed:
+    raise LimaError(
+        f"{', '.join(c[0] for c in changed)}: the checkpoints in {workdir} were trained with "
+        f"{', '.join(f'{label} {old!r}' for _, label, old, _ in changed)}, this config gives "
+        f"{', '.join(f'{label} {new!r}' for _, label, _, new in changed)}; rerun with the "
+        f"workdir's values, or train in a fresh --workdir with --config.init_from={workdir}")
 
 
 def main(argv):
@@ -383,49 +313,6 @@ def main(argv):
     print("lima_jax: interrupted; rerun the same command to start or resume", file=sys.stderr,
           flush=True)
     sys.exit(130)  # the shell's status for SIGINT
-
-
-def parse_flags(argv):
-  """absl's parser, with bad flags reported as one line."""
-  for arg in argv[1:]:
-    # ml_collections loads the file while parsing overrides and fails with a page of text.
-    if arg.startswith("--config=") and not os.path.isfile(arg.split("=", 1)[1]):
-      fail(f"--config: {arg.split('=', 1)[1]}: no such file")
-  try:
-    return flags.FLAGS(argv)
-  except (AttributeError, KeyError) as e:  # an override names no key of the given config file
-    _unknown_config_key(e)
-  except flags.Error as e:
-    fail(f"command line: {e}")
-
-
-def load_config():
-  """The config file with its overrides applied; loading is lazy, so its errors surface here.
-  With --show_config: prints it, key by key, and exits 0."""
-  path = config_flags.get_config_filename(flags.FLAGS["config"])
-  if not os.path.isfile(path):
-    fail(f"--config: {path}: no such file")
-  try:
-    cfg = _CONFIG.value
-    cfg.to_dict()  # a file that failed to load raises on first access
-  except (AttributeError, KeyError) as e:  # an override names no config key
-    _unknown_config_key(e)
-  except (OSError, ValueError, TypeError, SyntaxError) as e:
-    fail(f"--config: {e}")
-  if _SHOW_CONFIG.value:
-    print(f"# {path}, with the --config.* overrides applied")
-    print("\n".join(f"{key} = {value!r}" for key, value in flat_config(cfg)))
-    sys.exit(0)
-  return cfg
-
-
-def flat_config(cfg, prefix: str = ""):
-  """(dotted key, value) of every field, sorted by key (ConfigDict.items() order)."""
-  for key, value in cfg.items():
-    if isinstance(value, ml_collections.ConfigDict):
-      yield from flat_config(value, f"{prefix}{key}.")
-    else:
-      yield f"{prefix}{key}", value
 
 
 if __name__ == "__main__":

@@ -51,12 +51,19 @@ def random_hf_llama(path, *, vocab, d=64, heads=4, kv=4, ffn=96, tied=False, the
       vocab_size=vocab, hidden_size=d, intermediate_size=ffn, num_hidden_layers=2,
       num_attention_heads=heads, num_key_value_heads=kv, rope_theta=theta, rms_norm_eps=1e-5,
       tie_word_embeddings=tied, max_position_embeddings=256)
-  model = transformers.LlamaForCausalLM(cfg).eval()
+  model = randomize(transformers.LlamaForCausalLM(cfg).eval())
+  model.save_pretrained(path)
+  return model
+
+
+def randomize(model, qk_std=0.1):
+  """`model`'s weights drawn larger than transformers' init (std 0.1; q/k `qk_std`) and its
+  norm scales away from ones, so layout and rotary mistakes show in the logits."""
+  import torch  # pylint: disable=import-outside-toplevel
   with torch.no_grad():
     for name, p in model.named_parameters():
       if name.endswith("norm.weight"):
         p.copy_(1 + 0.1 * torch.randn_like(p))
       else:
-        p.normal_(0, 0.1)
-  model.save_pretrained(path)
+        p.normal_(0, qk_std if ("q_proj" in name or "k_proj" in name) else 0.1)
   return model

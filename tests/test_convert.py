@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from helpers import random_hf_llama  # pylint: disable=wrong-import-position
-from lima_jax import config, convert, sharding, train  # pylint: disable=wrong-import-position
+from lima_jax import config, config_cli, convert, sharding, train  # pylint: disable=wrong-import-position
 from lima_jax.errors import LimaError  # pylint: disable=wrong-import-position
 from lima_jax.model import LlamaConfig  # pylint: disable=wrong-import-position
 from lima_jax.train_state import Trainer  # pylint: disable=wrong-import-position
@@ -160,7 +160,7 @@ def test_round_trip_is_bit_identical_and_loads_in_transformers(tmp_path):
 
 
 def _train_config(init_from, **model):
-  cfg = config.from_file(train.DEFAULT_CONFIG)
+  cfg = config.from_file(config_cli.DEFAULT_CONFIG)
   cfg.init_from = init_from
   cfg.data.dev_path = ""
   cfg.data.max_length = 256

@@ -21,7 +21,7 @@ import sentencepiece as spm  # pylint: disable=wrong-import-position
 from tokenizers import (  # pylint: disable=wrong-import-position
     Tokenizer, models, pre_tokenizers, trainers)
 
-from lima_jax import config, convert  # pylint: disable=wrong-import-position
+from lima_jax import config, config_cli, convert  # pylint: disable=wrong-import-position
 from lima_jax.errors import LimaError  # pylint: disable=wrong-import-position
 from lima_jax.weights import gguf as gguf_weights  # pylint: disable=wrong-import-position
 from lima_jax.weights import pretrained  # pylint: disable=wrong-import-position
@@ -411,7 +411,7 @@ def test_smollm2_demo_first_step_loss_matches_transformers(smollm2, tmp_path):
   has none."""
   from lima_jax import train  # pylint: disable=import-outside-toplevel
   _, out, reference = smollm2
-  cfg = config.from_file(os.path.join(os.path.dirname(train.DEFAULT_CONFIG), "smollm2_demo.py"))
+  cfg = config.from_file(os.path.join(os.path.dirname(config_cli.DEFAULT_CONFIG), "smollm2_demo.py"))
   cfg.init_from = out
   cfg.data.dev_path, cfg.eval.generate_epochs = "", ()
   cfg.train.stop_after_steps, cfg.train.micro_batch_rows = 1, 0  # any mesh: rows per shard

@@ -118,8 +118,9 @@ def test_after_a_skipped_step_the_applied_lr_is_the_logged_one(tmp_path, monkeyp
       jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 3), 0))
   real_loss = train_state.token_loss
 
-  def token_loss(model, batch, *, dropout_key=None, constrain=None):
-    total, count = real_loss(model, batch, dropout_key=dropout_key, constrain=constrain)
+  def token_loss(model, batch, *, dropout_key=None, constrain=None, chunk_tokens=0):
+    total, count = real_loss(model, batch, dropout_key=dropout_key, constrain=constrain,
+                             chunk_tokens=chunk_tokens)
     hit = jnp.all(jax.random.key_data(dropout_key) == poisoned)
     return jnp.where(hit, jnp.nan, total), count
 

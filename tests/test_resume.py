@@ -86,6 +86,18 @@ def test_a_rerun_that_changes_the_schedule_is_refused(finished, tmp_path, key, c
   assert tree_hashes(os.path.join(finished, "checkpoints")) == before
 
 
+def test_a_rerun_with_another_eot_is_refused_naming_the_key(finished):
+  """EOT </s> instead of a new row: before, the run was refused only as another vocabulary, not
+  naming data.eot_token."""
+  cfg = tiny_config()
+  cfg.data.eot_token = "</s>"
+  before = tree_hashes(os.path.join(finished, "checkpoints"))
+  with pytest.raises(LimaError, match=r"^data\.eot_token: the checkpoints in .* were trained "
+                                      r"with EOT id 1000, this config gives EOT id 2; "):
+    train.run(cfg, finished)
+  assert tree_hashes(os.path.join(finished, "checkpoints")) == before
+
+
 def test_the_cli_refuses_more_epochs_in_one_line(finished):
   before = tree_hashes(os.path.join(finished, "checkpoints"))
   args = ["--config.train.epochs=3", "--config.train.batch_size=8",

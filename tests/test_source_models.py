@@ -15,10 +15,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 # pylint: disable=wrong-import-position
-from helpers import ROOT
+from helpers import ROOT, randomize
 from test_convert import PIECES, TOKENIZER, hf_logits, our_logits, to_meta
 
-from lima_jax import config, convert, data, plan, topology, train
+from lima_jax import config, config_cli, convert, data, plan, topology, train
 from lima_jax.errors import LimaError
 from lima_jax.weights import pretrained
 
@@ -36,13 +36,7 @@ def make_scaled_hf(path, rope, *, theta=10_000.0, seed=0, vocab=PIECES, **dims):
   cfg = transformers.LlamaConfig(
       vocab_size=vocab, rms_norm_eps=1e-5, max_position_embeddings=512,
       rope_parameters=dict(rope, rope_theta=theta), **dict(DIMS, **dims))
-  model = transformers.LlamaForCausalLM(cfg).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if name.endswith("norm.weight"):
-        p.copy_(1 + 0.1 * torch.randn_like(p))
-      else:
-        p.normal_(0, 0.4 if ("q_proj" in name or "k_proj" in name) else 0.1)
+  model = randomize(transformers.LlamaForCausalLM(cfg).eval(), qk_std=0.4)
   model.save_pretrained(path)
   shutil.copyfile(TOKENIZER, os.path.join(path, "tokenizer.model"))
   return model
@@ -116,7 +110,7 @@ def test_other_rope_types_are_refused_naming_them(tmp_path):
 def _run_config(init_from, workdir_max_length=512):
   """The toy run (8 devices over data, fsdp and tensor) from `init_from`, no model.* key set:
   the shape comes from the weights."""
-  cfg = config.from_file(train.DEFAULT_CONFIG)
+  cfg = config.from_file(config_cli.DEFAULT_CONFIG)
   cfg.init_from = str(init_from)
   cfg.data.dev_path = ""
   cfg.data.max_length = workdir_max_length

@@ -16,7 +16,7 @@ import pytest
 
 transformers = pytest.importorskip("transformers")
 
-from lima_jax import config, data  # pylint: disable=wrong-import-position
+from lima_jax import config, config_cli, data  # pylint: disable=wrong-import-position
 from lima_jax.data import tokenizer as backends  # pylint: disable=wrong-import-position
 from lima_jax.errors import LimaError  # pylint: disable=wrong-import-position
 from lima_jax.weights import hf_tokenizer  # pylint: disable=wrong-import-position
@@ -302,6 +302,34 @@ def test_meta_llama3_tiktoken_import_and_export(sources, tmp_path):
   generation = transformers.GenerationConfig.from_pretrained(str(tmp_path / "out"))
   assert (generation.eos_token_id, generation.bos_token_id) == (309, 300)
 
+  # Training from the Meta directory itself: its first-step loss is transformers' on the ids.
+  from lima_jax import train  # pylint: disable=import-outside-toplevel
+  chosen = sorted(conversations(), key=lambda c: len("".join(c)))[:4]
+  train_path = tmp_path / "train.jsonl"
+  train_path.write_text("".join(json.dumps({"conversations": t, "source": "s"}) + "\n"
+                                for t in chosen))
+  cfg = _lima_7b_from(tmp_path / "meta", train_path, batch_size=len(chosen))
+  cfg.data.eot_token = "<|eot_id|>"
+  train.run(cfg, str(tmp_path / "run"))
+  with open(tmp_path / "run" / "metrics.jsonl", encoding="utf-8") as f:
+    first = json.loads(f.readline())["loss"]
+  examples = [(ids.tolist(), mask.tolist()) for ids, mask in
+              (tok.encode_conversation(t, 768, False) for t in chosen)]
+  assert first == pytest.approx(_reference_loss(model, examples), abs=2e-4)
+
+
+def _lima_7b_from(init_from, train_path, *, batch_size):
+  """configs/lima_7b.py trained from `init_from` for one step, as a user runs it: no model shape
+  flag (the shape comes from the weights), no data.tokenizer_path (init_from carries it); only
+  dropout off and fp32 compute, so the loss compares with transformers'."""
+  cfg = config.from_file(os.path.join(os.path.dirname(config_cli.DEFAULT_CONFIG), "lima_7b.py"))
+  cfg.init_from, cfg.data.tokenizer_path = str(init_from), ""
+  cfg.data.train_path, cfg.data.dev_path, cfg.data.max_length = str(train_path), "", 768
+  cfg.train.batch_size, cfg.train.epochs, cfg.train.stop_after_steps = batch_size, 1, 1
+  cfg.checkpoint.async_save, cfg.eval.generate_epochs = False, ()
+  cfg.model.residual_dropout_top, cfg.model.compute_dtype = 0.0, "float32"
+  return cfg
+
 
 def _reference_loss(model, examples) -> float:
   """transformers' mean cross entropy over the masked targets of all `examples`."""
@@ -333,7 +361,7 @@ def test_first_step_loss_matches_transformers(sources, tmp_path, chat_format):
   shutil.copytree(sources["bpe"], hf_dir)
   ref_tok = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
   count = ref_tok.get_vocab_size(with_added_tokens=True)
-  model = random_hf_llama(hf_dir, vocab=count, kv=2)
+  model = random_hf_llama(hf_dir, vocab=count, kv=2, tied=True)
   hf_chat = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
   # The three shortest multi-turn conversations and the three shortest others.
   by_length = sorted(conversations(), key=lambda c: len("".join(c)))
@@ -355,18 +383,9 @@ def test_first_step_loss_matches_transformers(sources, tmp_path, chat_format):
   train_path.write_text("".join(json.dumps({"conversations": t, "source": "s"}) + "\n"
                                 for t in chosen))
 
-  cfg = config.from_file(train.DEFAULT_CONFIG)
-  cfg.init_from, cfg.data.tokenizer_path = str(hf_dir), ""
-  cfg.data.train_path, cfg.data.dev_path, cfg.data.max_length = str(train_path), "", 768
+  cfg = _lima_7b_from(hf_dir, train_path, batch_size=len(chosen))
   cfg.data.chat_format = chat_format
   cfg.data.eot_token = "<|im_end|>" if chat_format == "template" else ""
-  cfg.train.batch_size, cfg.train.epochs, cfg.train.stop_after_steps = len(chosen), 1, 1
-  cfg.optimizer.warmup_steps = 0  # a one-step run: no warmup to fit
-  cfg.mesh.cpu_devices, cfg.checkpoint.async_save, cfg.eval.generate_epochs = 0, False, ()
-  dims = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, rope_theta=10_000.0,
-              norm_eps=1e-5, residual_dropout_top=0.0, compute_dtype="float32")
-  for key, value in dims.items():
-    cfg.model[key] = value
   workdir = tmp_path / "run"
   train.run(cfg, str(workdir))
   with open(workdir / "metrics.jsonl", encoding="utf-8") as f:
@@ -391,7 +410,7 @@ def test_run_config_errors_name_the_key(tmp_path):
   """train.prepare refuses an EOT the tokenizer lacks and an unknown chat format in one line,
   before anything is written."""
   from lima_jax import train  # pylint: disable=import-outside-toplevel
-  cfg = config.from_file(train.DEFAULT_CONFIG)
+  cfg = config.from_file(config_cli.DEFAULT_CONFIG)
   cfg.mesh.cpu_devices = 0
   cfg.data.eot_token = "<|eot_id|>"
   with pytest.raises(LimaError, match=r"^config data\.eot_token: '<\|eot_id\|>' is not a token"):

@@ -1,0 +1,143 @@
+"""The `--config` flag that `python -m lima_jax.train`, `plan` and `demo` share: an
+ml_collections config file with `--config.a.b=value` overrides, its errors as one line naming the
+key, and `--show_config`.
+"""
+
+import os
+import re
+import sys
+
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+from lima_jax import config
+from lima_jax.cli import fail
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "configs", "toy.py")
+
+
+_OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")  # ml_collections' override syntax
+
+
+def _config_file(argv) -> str:
+  """The config file the command line names (the last --config wins, as in absl)."""
+  path = DEFAULT_CONFIG
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      path = arg.split("=", 1)[1]
+    elif arg == "--config" and i + 1 < len(argv):
+      path = argv[i + 1]
+  return path
+
+
+def _unknown_part(cfg, key: str) -> str | None:
+  """None when the dotted `key` names a field of `cfg`; else what is wrong ("" = no such key)."""
+  node, walked = cfg, []
+  for part in key.split("."):
+    if not isinstance(node, ml_collections.ConfigDict):
+      return f"{'.'.join(walked)} is a value, not a section"
+    if part not in node:
+      return ""
+    node, walked = node[part], walked + [part]
+  return None
+
+
+def _unknown_config_key(error: Exception) -> None:
+  """Names the override that matches no key, with ml_collections' "Did you mean" hint.
+
+  The key is found by walking the config file's own keys: ml_collections words its KeyError
+  differently across versions (1.1 nests it in an AttributeError), so only the hint line is
+  taken from its message, and kept when there is one.
+  """
+  path = _config_file(sys.argv[1:])
+  try:
+    cfg = config.from_file(path)
+  except Exception:  # pylint: disable=broad-except  # the file's own error is reported below
+    cfg = None
+  while error.args and isinstance(error.args[0], BaseException):
+    error = error.args[0]  # AttributeError(KeyError(message))
+  message = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+  hints = [line.strip() for line in message.splitlines()[1:] if "did you mean" in line.lower()]
+  for match in filter(None, map(_OVERRIDE.match, sys.argv[1:])):
+    why = None if cfg is None else _unknown_part(cfg, match.group(1))
+    if why is not None:
+      fail(" ".join([f"--config.{match.group(1)}: no such config key"
+                     f"{f': {why}' if why else ''}{'.' if hints else ''}", *hints,
+                     "(--show_config lists every key)"]))
+  fail(f"--config: {path}: {type(error).__name__}: {message}")
+
+
+def _define_config_flag():
+  # ml_collections applies `--config.x=...` overrides of the default file while defining the
+  # flag, so an unknown key surfaces here.
+  try:
+    return config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Training config file.",
+                                           lock_config=True)
+  except (AttributeError, KeyError) as e:
+    _unknown_config_key(e)
+
+
+_CONFIG = _define_config_flag()
+_SHOW_CONFIG = flags.DEFINE_boolean(
+    "show_config", False, "Print every key of the resolved config (the file with the "
+    "--config.* overrides applied) with its value, then exit without touching the workdir.")
+
+def command_line_keys() -> set[str]:
+  """The keys set by --config.KEY=VALUE on this process's command line (none when the trainer is
+  called as a library)."""
+  if not flags.FLAGS.is_parsed():
+    return set()
+  return set(config_flags.get_override_values(flags.FLAGS["config"]))
+
+
+def pinned_model_keys() -> set[str]:
+  return {k.split(".", 1)[1] for k in command_line_keys() if k.startswith("model.")}
+
+
+def default_workdir(config_path: str) -> str:
+  return os.path.join("workdir", os.path.splitext(os.path.basename(config_path))[0])
+
+
+def parse_flags(argv):
+  """absl's parser, with bad flags reported as one line."""
+  for arg in argv[1:]:
+    # ml_collections loads the file while parsing overrides and fails with a page of text.
+    if arg.startswith("--config=") and not os.path.isfile(arg.split("=", 1)[1]):
+      fail(f"--config: {arg.split('=', 1)[1]}: no such file")
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:  # an override names no key of the given config file
+    _unknown_config_key(e)
+  except flags.Error as e:
+    fail(f"command line: {e}")
+
+
+def load_config():
+  """The config file with its overrides applied; loading is lazy, so its errors surface here.
+  With --show_config: prints it, key by key, and exits 0."""
+  path = config_flags.get_config_filename(flags.FLAGS["config"])
+  if not os.path.isfile(path):
+    fail(f"--config: {path}: no such file")
+  try:
+    cfg = _CONFIG.value
+    cfg.to_dict()  # a file that failed to load raises on first access
+  except (AttributeError, KeyError) as e:  # an override names no config key
+    _unknown_config_key(e)
+  except (OSError, ValueError, TypeError, SyntaxError) as e:
+    fail(f"--config: {e}")
+  if _SHOW_CONFIG.value:
+    print(f"# {path}, with the --config.* overrides applied")
+    print("\n".join(f"{key} = {value!r}" for key, value in flat_config(cfg)))
+    sys.exit(0)
+  return cfg
+
+
+def flat_config(cfg, prefix: str = ""):
+  """(dotted key, value) of every field, sorted by key (ConfigDict.items() order)."""
+  for key, value in cfg.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from flat_config(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
