@@ -199,13 +199,7 @@ class GgufSource:
     return self._cache[key]
 
   def tensor(self, name: str, layer: int | None = None) -> np.ndarray:
-    w = self.linear(name, layer)
-    hd = self.fields["d_model"] // self.fields["n_heads"]
-    if name == "attn.wq":
-      return layout.from_interleaved(w, self.fields["n_heads"], hd)
-    if name == "attn.wk":
-      return layout.from_interleaved(w, self.fields["n_kv_heads"], hd)
-    return layout.from_linear(name, w, self.fields)
+    return layout.from_rotary_interleaved_linear(name, self.linear(name, layer), self.fields)
 
 
 def build_tokenizer(source: GgufSource) -> tuple[Tokenizer, dict]:

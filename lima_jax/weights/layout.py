@@ -90,6 +90,17 @@ def from_interleaved(w: np.ndarray, heads: int, head_dim: int) -> np.ndarray:
   return w.reshape(heads, head_dim // 2, 2, -1).transpose(3, 0, 2, 1)
 
 
+def from_rotary_interleaved_linear(name: str, w: np.ndarray, fields: dict) -> np.ndarray:
+  """`from_linear` for a checkpoint whose q/k rows interleave the rotary pairs (Meta's .pth,
+  llama.cpp's GGUF): those two become rotate-half views, the rest is `from_linear`."""
+  hd = fields["d_model"] // fields["n_heads"]
+  if name == "attn.wq":
+    return from_interleaved(w, fields["n_heads"], hd)
+  if name == "attn.wk":
+    return from_interleaved(w, fields["n_kv_heads"], hd)
+  return from_linear(name, w, fields)
+
+
 def _cut(view: np.ndarray, index: tuple) -> np.ndarray:
   """view[index]; a view with the head dim still split (Meta q/k) is merged after cutting, so only
   the shard is copied. The head dim is never sharded, so its index is always whole."""

@@ -156,10 +156,4 @@ class MetaSource:
       # Joining copies; keep the last joined tensor, as every device's shard is cut from it.
       w = parts[0] if axis is None else np.concatenate(parts, axis=axis)
       self._cache = {key: w}
-    w = self._cache[key]
-    hd = self.fields["d_model"] // self.fields["n_heads"]
-    if name == "attn.wq":
-      return layout.from_interleaved(w, self.fields["n_heads"], hd)
-    if name == "attn.wk":
-      return layout.from_interleaved(w, self.fields["n_kv_heads"], hd)
-    return layout.from_linear(name, w, self.fields)
+    return layout.from_rotary_interleaved_linear(name, self._cache[key], self.fields)
