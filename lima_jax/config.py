@@ -11,6 +11,7 @@ from importlib import resources
 
 import ml_collections
 
+from lima_jax import lora
 from lima_jax.attention import KERNELS as ATTENTION_KERNELS
 from lima_jax.errors import LimaError
 
@@ -104,6 +105,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"
   c.model.compute_dtype = "bfloat16"
 
+  # Low-rank adapters (lima_jax.lora) instead of training every weight; rank 0 = off, the paper's
+  # full fine-tuning. alpha / rank scales the adapters' output (PEFT's convention).
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0
+  c.lora.alpha = 16.0
+  c.lora.targets = "q,k,v,o,gate,up,down"  # any of q, k, v, o, gate, up, down
+  c.lora.dropout = 0.0  # on the adapters' input; LIMA's residual dropout applies either way
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1
   c.mesh.fsdp = -1  # -1 = every remaining device
@@ -193,6 +202,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
            f"must be one of {ATTENTION_KERNELS}, got {m.attention!r}")
   for key in ("param_dtype", "compute_dtype"):
     _require(m[key] in DTYPES, f"model.{key}", f"must be one of {DTYPES}, got {m[key]!r}")
+  _require(c.lora.rank >= 0, "lora.rank", f"must be >= 0 (0 = off), got {c.lora.rank}")
+  _require(c.lora.alpha > 0, "lora.alpha", f"must be positive, got {c.lora.alpha}")
+  _require(0 <= c.lora.dropout < 1, "lora.dropout", f"must be in [0, 1), got {c.lora.dropout}")
+  lora.parse_targets(c.lora.targets)
   _require(c.mesh.cpu_devices >= 0, "mesh.cpu_devices", "must be >= 0")
   _require(c.checkpoint.max_to_keep >= 0, "checkpoint.max_to_keep", "must be >= 0 (0 = all)")
   _require(c.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0 (0 = off)")

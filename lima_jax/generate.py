@@ -19,7 +19,7 @@ import optax
 import tqdm
 from absl import logging
 
-from lima_jax import config, run_files, sharding
+from lima_jax import config, lora, run_files, sharding
 from lima_jax.cli import ArgumentParser, fail, quiet_logs, summary
 from lima_jax.data import ChatTokenizer, prepared_dir
 from lima_jax.decoding import Decoding, Generator
@@ -45,6 +45,7 @@ class EpochGenerations:
                                   what="data.dev_path",
                                   skip_long=True)
     self.generator = Generator(trainer, tokenizer.eot_id, cfg.generate.batch_size)
+    self._trainable = trainer.trainable  # with LoRA only the adapters are exported
     # Full checkpoints are not kept per epoch (nor always written at one), so each selection
     # epoch's params are exported on their own: a quarter of the full state's bytes in fp32.
     self._params = (run_files.EpochParamsWriter(workdir, async_save=cfg.checkpoint.async_save,
@@ -55,7 +56,7 @@ class EpochGenerations:
     if epoch not in self.epochs:
       return
     if self._params is not None:
-      self._params.save(epoch, params, dict(self.meta, step=step, epoch=epoch))
+      self._params.save(epoch, self._trainable(params), dict(self.meta, step=step, epoch=epoch))
     if not self.prompts:
       return
     started = time.perf_counter()
@@ -98,13 +99,20 @@ def open_kept(kept: run_files.Kept):
 
 
 def restore_kept(kept: run_files.Kept, source):
-  """(trainer, params on its mesh) for params found by `run_files.locate`."""
+  """(trainer, params on its mesh) for params found by `run_files.locate`; a LoRA run's
+  adapters joined to its base, loaded again from where the run loaded it. Raises LimaError when
+  that base is gone."""
   # The kernel that trained the model may not run here (splash on a TPU pod, generation on a GPU
   # or CPU): generation uses this machine's own.
   model_cfg = LlamaConfig(**dict(kept.meta["model"], attention="auto"))
   trainer = Trainer(model_cfg, optax.identity(),
                     optax.constant_schedule(0.0), _mesh(kept.meta["config"]["mesh"]), 0)
-  return trainer, source.restore(trainer.abstract_state["params"])
+  abstract = trainer.abstract_state["params"]
+  if not trainer.uses_lora:
+    return trainer, source.restore(abstract)
+  from lima_jax.weights import pretrained  # pylint: disable=import-outside-toplevel
+  adapters = source.restore(lora.adapters(abstract))
+  return trainer, lora.join(pretrained.lora_base(kept.meta, trainer), adapters)
 
 
 # Each flag's type and meaning; its default is the run's generate.<flag>.

@@ -133,9 +133,9 @@ def train_steps(setup, cfg, state, steps: range, ckpts, reporter,
       interval = bool(stop.signal_name) or cadence.due(done)
       state_due = epoch_done and epoch_state_due(cfg, ckpts, setup.generations)
       if last or interval or state_due:
-        ckpts.save(done, state, dict(setup.meta, step=done,
-                                     epoch=done / setup.plan.steps_per_epoch,
-                                     **{EPOCH_LOSS: epoch_loss}),
+        meta = dict(setup.meta, step=done, epoch=done / setup.plan.steps_per_epoch,
+                    **{EPOCH_LOSS: epoch_loss})
+        ckpts.save(done, setup.trainer.checkpointed(state), meta,
                    interval=not (epoch_done or last))
         cadence.saved()
       if stop.signal_name:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lima_jax import attention
+from lima_jax import attention, lora
 from lima_jax.sharding import Constrainer
 
 NO_MESH = Constrainer()  # one device: nothing to constrain
@@ -51,6 +51,14 @@ class LlamaConfig:
   scan_layers: bool = True  # False: a Python loop over the layers (see Llama.__call__)
   param_dtype: str = "float32"
   compute_dtype: str = "float32"
+  # LoRA (lima_jax.lora): rank 0 = off, every weight trains (the paper's full fine-tuning).
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: tuple = tuple(lora.TARGETS)
+  lora_dropout: float = 0.0
+
+  def __post_init__(self):  # metadata JSON gives a list; the config must stay hashable
+    object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
 
   @property
   def head_dim(self) -> int:
@@ -143,21 +151,23 @@ class Attention(nnx.Module):
     self.wv = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), dt)
     self.wo = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), dt)
 
-  def _project(self, x, positions):
+  def _project(self, x, positions, lora_key=None):
     dt = x.dtype
-    q = jnp.einsum("btd,dnh->btnh", x, self.wq[...].astype(dt))
-    k = jnp.einsum("btd,dnh->btnh", x, self.wk[...].astype(dt))
-    v = jnp.einsum("btd,dnh->btnh", x, self.wv[...].astype(dt))
+    q, k, v = (lora.adapted(self, name, x, jnp.einsum("btd,dnh->btnh", x, w[...].astype(dt)),
+                            lora_key)
+               for name, w in (("q", self.wq), ("k", self.wk), ("v", self.wv)))
     inv_freq = rope_frequencies(self.cfg)
     return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
-  def _output(self, out):
-    return jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(out.dtype))
+  def _output(self, out, lora_key=None):
+    return lora.adapted(self, "o", out,
+                        jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(out.dtype)), lora_key)
 
-  def __call__(self, x, positions, attend):
-    """`attend(q, k, v)`: causal attention within each packed example (attention.attender)."""
-    q, k, v = self._project(x, positions)
-    return self._output(attend(q, k, v))
+  def __call__(self, x, positions, attend, lora_key=None):
+    """`attend(q, k, v)`: causal attention within each packed example (attention.attender).
+    lora_key: dropout on the adapters' inputs (training); None: none."""
+    q, k, v = self._project(x, positions, lora_key)
+    return self._output(attend(q, k, v), lora_key)
 
   def cached(self, x, positions, mask, cache, layer, index):
     """Attention over a KV cache: writes this call's keys and values into layer `layer` of the
@@ -185,14 +195,17 @@ class FeedForward(nnx.Module):
     self.up = _param(rngs, (d, f), ("embed", "mlp"), dt)
     self.down = _param(rngs, (f, d), ("mlp", "embed"), dt)
 
-  def __call__(self, x):
+  def __call__(self, x, lora_key=None):
     # gate and up as one [d, 2, ffn] matmul, forward and backward (stacked here, stored apart, so
     # checkpoints and converters see gate/up; stacking keeps each device's 'mlp' shard local):
     # the one-device CPU step is ~1.25x faster.
     dt = x.dtype
     gate_up = jnp.stack([self.gate[...].astype(dt), self.up[...].astype(dt)], axis=1)
     hidden = jnp.einsum("btd,dkf->btkf", x, gate_up)
-    return (jax.nn.silu(hidden[..., 0, :]) * hidden[..., 1, :]) @ self.down[...].astype(dt)
+    gate = lora.adapted(self, "gate", x, hidden[..., 0, :], lora_key)
+    up = lora.adapted(self, "up", x, hidden[..., 1, :], lora_key)
+    inner = jax.nn.silu(gate) * up
+    return lora.adapted(self, "down", inner, inner @ self.down[...].astype(dt), lora_key)
 
 
 def residual_dropout(x, rate, key):
@@ -211,15 +224,18 @@ class DecoderBlock(nnx.Module):
     self.attn = Attention(cfg, rngs)
     self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, rngs)
     self.mlp = FeedForward(cfg, rngs)
+    # LoRA's adapters, drawn after every base weight: the base is the same with or without them.
+    lora.attach(cfg, {"attn": self.attn, "mlp": self.mlp}, rngs)
 
   def __call__(self, x, positions, attend, dropout_rate, dropout_key, constrain: Constrainer):
-    attn_key = mlp_key = None
+    attn_key = mlp_key = lora_key = None
     if dropout_key is not None:
       attn_key, mlp_key = jax.random.split(dropout_key)
-    x = x + residual_dropout(self.attn(self.attn_norm(x), positions, attend), dropout_rate,
-                             attn_key)
+      lora_key = jax.random.fold_in(dropout_key, 2)  # adapters' input dropout (lima_jax.lora)
+    x = x + residual_dropout(self.attn(self.attn_norm(x), positions, attend, lora_key),
+                             dropout_rate, attn_key)
     x = constrain(x, ("batch", "length", "act_embed"))
-    x = x + residual_dropout(self.mlp(self.mlp_norm(x)), dropout_rate, mlp_key)
+    x = x + residual_dropout(self.mlp(self.mlp_norm(x), lora_key), dropout_rate, mlp_key)
     return constrain(x, ("batch", "length", "act_embed"))
 
   def cached(self, x, positions, mask, cache, layer, index, constrain: Constrainer):

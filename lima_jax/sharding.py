@@ -31,6 +31,7 @@ LOGICAL_RULES = {
     "mlp": "tensor",
     "head_dim": None,
     "layers": None,
+    "lora_rank": None,  # LoRA's rank dimension (lima_jax.lora): small, kept whole
 }
 
 # The config key a user changes when a logical dimension does not divide its mesh axis.

@@ -22,7 +22,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from lima_jax import checkpoint, config, data, generate, loop, optim, sharding
+from lima_jax import checkpoint, config, data, generate, lora, loop, optim, sharding
 from lima_jax.cli import fail, quiet_logs, use_compile_cache, use_fake_cpu_devices
 from lima_jax.config_cli import default_workdir, load_config, parse_flags, pinned_model_keys
 from lima_jax.errors import LimaError
@@ -44,15 +44,17 @@ SHAPE_KEYS = tuple(k for k in layout.MODEL_KEYS if k != "vocab_size")
 
 
 def model_config(model_section, vocab_size: int, source: dict | None = None, *,
-                 pinned=(), where: str = "init_from") -> LlamaConfig:
-  """The model of the config's `model` section with the tokenizer's vocabulary (EOT included).
+                 pinned=(), where: str = "init_from", lora_section=None) -> LlamaConfig:
+  """The model of the config's `model` section with the tokenizer's vocabulary (EOT included)
+  and the adapters of its `lora` section (none without one).
 
   With `source` (the fields of init_from's weights) the SHAPE_KEYS come from there and the
   config's values yield, except those in `pinned` (given on the command line): one that
   disagrees with the source raises LimaError naming every such key.
   """
-  fields = {f.name for f in dataclasses.fields(LlamaConfig)} - {"vocab_size"}
-  values = {k: model_section[k] for k in fields}
+  lora_fields = lora.fields(lora_section) if lora_section is not None else {}
+  fields = {f.name for f in dataclasses.fields(LlamaConfig)} - {"vocab_size", *lora.FIELDS}
+  values = dict({k: model_section[k] for k in fields}, **lora_fields)
   if source is not None:
     wrong = [k for k in SHAPE_KEYS if k in pinned and model_section[k] != source[k]]
     if wrong:
@@ -147,7 +149,8 @@ def prepare(cfg, workdir: str) -> Setup:
                                        eot_token=cfg.data.eot_token,
                                        chat_format=cfg.data.chat_format, source=source)
   model_cfg = model_config(cfg.model, tokenizer.vocab_size, source and source.fields,
-                           pinned=pinned_model_keys(), where=f"init_from {cfg.init_from}")
+                           pinned=pinned_model_keys(), where=f"init_from {cfg.init_from}",
+                           lora_section=cfg.lora)
   load = dict(max_length=cfg.data.max_length, train_on_prompt=cfg.data.train_on_prompt,
               data_dir=data.prepared_dir(workdir, cfg.data.cache_dir))
   examples, dev_examples = process_0_first(lambda: (
@@ -166,6 +169,8 @@ def prepare(cfg, workdir: str) -> Setup:
           "tokenizer_sha256": tokenizer.sha256, "tokenizer": tokenizer.meta(),
           "steps_per_epoch": plan.steps_per_epoch, "total_steps": total_steps,
           "hf": source.extras if source else {}}
+  if model_cfg.lora_rank:  # where the frozen base comes from again: checkpoints hold adapters
+    meta[lora.BASE] = lora.base_record(cfg)
   return Setup(
       tokenizer=tokenizer, examples=examples, plan=plan, total_steps=total_steps,
       dev=DevSet(dev_examples, cfg, mesh) if dev_examples else None,
@@ -236,7 +241,9 @@ def _train(s: Setup, cfg, workdir: str, started: float) -> dict:
     ckpts.close()
     return {}
   end = min(s.total_steps, cfg.train.stop_after_steps or s.total_steps)
-  print(f"lima_jax: {s.trainer.num_params / 1e6:.2f}M params, {len(s.examples)} examples, "
+  trains = (f" ({lora.trainable_count(s.trainer.abstract_state['params']) / 1e6:.2f}M in LoRA "
+            f"adapters of rank {s.trainer.model_cfg.lora_rank})" if s.trainer.uses_lora else "")
+  print(f"lima_jax: {s.trainer.num_params / 1e6:.2f}M params{trains}, {len(s.examples)} examples, "
         f"{s.plan.steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs = {s.total_steps} "
         f"steps, up to {s.layout.micro_batches} x {s.layout.rows} packed rows x "
         f"{cfg.data.max_length} per step, mesh "
@@ -260,6 +267,7 @@ def _restore_or_init(ckpts, trainer, cfg, meta, workdir):
   """(state, step, the epoch's loss sums so far) from the newest readable checkpoint, or a fresh
   state at step 0."""
   def same_run(saved):
+    lora.check_same(saved, meta, workdir)
     _check_same_chat_tokens(saved.get("tokenizer") or {}, meta["tokenizer"], workdir)
     checkpoint.check_same_model(saved, meta["model"], workdir)
     checkpoint.check_same_schedule(saved, meta, workdir)
@@ -267,19 +275,26 @@ def _restore_or_init(ckpts, trainer, cfg, meta, workdir):
       raise LimaError(f"data.tokenizer_path: {cfg.data.tokenizer_path} differs from the "
                       f"tokenizer the checkpoints in {workdir} were trained with")
 
-  restored = ckpts.restore_newest(trainer.abstract_state, check_meta=same_run)
+  restored = ckpts.restore_newest(trainer.checkpointed(trainer.abstract_state),
+                                  check_meta=same_run)
   if restored is not None:
     state, step, saved = restored
+    if trainer.uses_lora:  # the checkpoint holds the adapters; the base is loaded again
+      state = trainer.with_base(state, _fresh_state(trainer, cfg, meta))
     return state, step, tuple(saved.get(loop.EPOCH_LOSS, (0.0, 0.0)))
   if ckpts.all_steps():
     raise LimaError(f"{ckpts.directory}: no checkpoint there reads back whole; move the "
                     "directory away to start afresh")
-  if cfg.init_from:  # pretrained weights (HF, Meta or our import); the optimizer starts fresh
+  return _fresh_state(trainer, cfg, meta), 0, (0.0, 0.0)
+
+
+def _fresh_state(trainer, cfg, meta):
+  """Step 0: init_from's weights (HF, Meta or our import) with a fresh optimizer, or a random
+  init from the seed."""
+  if cfg.init_from:
     from lima_jax.weights import pretrained  # pylint: disable=import-outside-toplevel
-    state = pretrained.init_state(trainer, cfg.init_from, meta["tokenizer"])
-  else:
-    state = trainer.init(cfg.seed)
-  return state, 0, (0.0, 0.0)
+    return pretrained.init_state(trainer, cfg.init_from, meta["tokenizer"])
+  return trainer.init(cfg.seed)
 
 
 def _check_same_chat_tokens(saved: dict, current: dict, workdir: str) -> None:

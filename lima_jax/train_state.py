@@ -5,6 +5,11 @@ checkpoints and weight converters use). It is created already sharded by a jitte
 model never exists whole on one host. The train step is `jax.jit` with explicit in/out shardings
 and a donated state.
 
+With LoRA (model_cfg.lora_rank > 0) the params hold the frozen base and the adapters
+(`lima_jax.lora`); gradients and the optimizer state exist for the adapters alone, and a
+checkpoint (`checkpointed`) holds only them, the optimizer state and the step: the base is
+reloaded from where it came from (`with_base`).
+
 A batch is [micro_batches, rows, length] (`lima_jax.data.StepLayout`). The steps loop over the
 micro-batches that hold tokens and sum their losses and gradients, each scaled by the whole
 step's token count, so the update equals the one over all rows at once.
@@ -17,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from lima_jax import optim, sharding
+from lima_jax import lora, optim, sharding
 from lima_jax.model import Llama, LlamaConfig
 
 BATCH_KEYS = ("tokens", "targets", "weights", "segment_ids", "positions")
@@ -90,7 +95,7 @@ class Trainer:
     param_shardings = sharding.param_shardings(names, self.mesh)
     replicated = sharding.replicated(self.mesh)
     opt_shardings = optax.tree_map_params(
-        self.optimizer, lambda _, s: s, shapes["opt_state"], param_shardings,
+        self.optimizer, lambda _, s: s, shapes["opt_state"], self.trainable(param_shardings),
         transform_non_params=lambda _: replicated)
     self.state_shardings = {"step": replicated, "params": param_shardings,
                             "opt_state": opt_shardings}
@@ -101,6 +106,9 @@ class Trainer:
     batch_shardings = {k: self.batch_sharding for k in BATCH_KEYS}
     self._constrain = sharding.Constrainer(self.mesh)
     self.init = jax.jit(self._init, out_shardings=self.state_shardings)
+    # Only the adapters of a fresh init (XLA drops the unused base draws): for a pretrained base.
+    self.init_adapters = jax.jit(lambda seed: lora.adapters(self._init(seed)["params"]),
+                                 out_shardings=lora.adapters(param_shardings))
     self.train_step = jax.jit(self._train_step, donate_argnums=0,
                               in_shardings=(self.state_shardings, batch_shardings),
                               out_shardings=(self.state_shardings, replicated))
@@ -112,6 +120,18 @@ class Trainer:
   def num_params(self) -> int:
     return sum(x.size for x in jax.tree.leaves(self.abstract_state["params"]))
 
+  @property
+  def uses_lora(self) -> bool:
+    return self.model_cfg.lora_rank > 0
+
+  def trainable(self, params):
+    """The part of a param tree (or of a tree shaped like it) that trains: all of it, or with
+    LoRA the adapters alone."""
+    return lora.adapters(params) if self.uses_lora else params
+
+  def _with_trainable(self, params, trainable):
+    return lora.join(lora.frozen(params), trainable) if self.uses_lora else trainable
+
   def _init(self, seed):
     with nnx.use_eager_sharding(False):
       model = Llama(self.model_cfg, nnx.Rngs(jax.random.key(seed)))
@@ -119,7 +139,30 @@ class Trainer:
     if self.model_cfg.vocab_size < self.model_cfg.padded_vocab:
       params = _zero_padding_rows(params, self.model_cfg)
     return {"step": jnp.zeros((), jnp.int32), "params": params,
-            "opt_state": self.optimizer.init(params)}
+            "opt_state": self.optimizer.init(self.trainable(params))}
+
+  def state_from(self, base_params) -> dict:
+    """A fresh state (step 0, a fresh optimizer) around pretrained params placed on the mesh:
+    the whole model, or with LoRA the frozen base, to which fresh adapters are added."""
+    params = base_params
+    if self.uses_lora:
+      params = lora.join(base_params, self.init_adapters(self.seed))
+    opt_state = jax.jit(self.optimizer.init, out_shardings=self.state_shardings["opt_state"])(
+        self.trainable(params))
+    step = jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings["step"])
+    return {"step": step, "params": params, "opt_state": opt_state}
+
+  def checkpointed(self, state):
+    """What a checkpoint holds of a state (or of `abstract_state`): all of it, or with LoRA the
+    step, the adapters (as 'params') and their optimizer state; the base is not written."""
+    return dict(state, params=self.trainable(state["params"]))
+
+  def with_base(self, restored, fresh):
+    """The state of a checkpoint restored as `checkpointed` left it, its base params taken from
+    `fresh` (a state built like the run's first one); without LoRA, `restored` itself."""
+    if not self.uses_lora:
+      return restored
+    return dict(restored, params=lora.join(lora.frozen(fresh["params"]), restored["params"]))
 
   def model(self, params) -> Llama:
     return nnx.merge(self.graphdef, params)
@@ -132,17 +175,20 @@ class Trainer:
     count = jnp.sum(batch["weights"])
     scale = 1.0 / jnp.maximum(count, 1.0)
 
+    trainable = self.trainable(state["params"])  # with LoRA the adapters; the base stays frozen
+
     def micro_loss_and_grads(micro, index):
-      def loss_fn(params):
-        total, _ = token_loss(self.model(params), micro,
+      def loss_fn(trainable):
+        total, _ = token_loss(self.model(self._with_trainable(state["params"], trainable)), micro,
                               dropout_key=jax.random.fold_in(step_key, index),
                               constrain=self._constrain, chunk_tokens=self.loss_chunk_tokens)
         return total * scale
-      return jax.value_and_grad(loss_fn)(state["params"])
+      return jax.value_and_grad(loss_fn)(trainable)
 
     def zeros():  # the accumulator, laid out like the params it sums gradients for
       return jnp.zeros((), jnp.float32), jax.lax.with_sharding_constraint(
-          jax.tree.map(jnp.zeros_like, state["params"]), self.state_shardings["params"])
+          jax.tree.map(jnp.zeros_like, trainable),
+          self.trainable(self.state_shardings["params"]))
 
     loss, grads = _sum_over_micro_batches(micro_loss_and_grads, batch, zeros)
     grad_norm = optax.tree.norm(grads)
@@ -152,8 +198,9 @@ class Trainer:
 
     def update(_):
       updates, opt_state = self.optimizer.update(
-          grads, optim.set_learning_rate(state["opt_state"], lr), state["params"])
-      return optax.apply_updates(state["params"], updates), opt_state
+          grads, optim.set_learning_rate(state["opt_state"], lr), trainable)
+      trained = optax.apply_updates(trainable, updates)
+      return self._with_trainable(state["params"], trained), opt_state
 
     # A non-finite loss or gradient leaves params and optimizer state as they were (a cond,
     # not a select, so no second copy of the state is live); the host decides whether to stop

@@ -16,7 +16,7 @@ import optax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from lima_jax import data
+from lima_jax import data, lora
 from lima_jax.checkpoint import META, STATE, Checkpoints
 from lima_jax.data import ChatTokenizer
 from lima_jax.errors import LimaError
@@ -28,7 +28,8 @@ FORMAT = "lima_jax.pretrained"
 
 
 def abstract_params(model_cfg: LlamaConfig, mesh):
-  """Sharded ShapeDtypeStructs of the params, exactly as training lays them out."""
+  """Sharded ShapeDtypeStructs of the params, exactly as training lays them out (with LoRA, the
+  adapters too)."""
   trainer = Trainer(model_cfg, optax.identity(), optax.constant_schedule(0.0), mesh, 0)
   return trainer.abstract_state["params"]
 
@@ -88,6 +89,7 @@ class OrbaxParams:
     if self.fields is None:
       raise LimaError(f"{path}: step {step} has no lima_jax model metadata")
     self.step = step
+    self.lora_rank = saved.get("model", {}).get("lora_rank", 0)  # >0: adapters alone, no base
     self.extras = saved.get("hf", {})
     self.tokenizer_sha256 = saved.get("tokenizer_sha256")
     data_cfg = saved.get("config", {}).get("data", {})
@@ -232,13 +234,18 @@ def check_model(fields: dict, model_cfg: LlamaConfig, path: str) -> None:
 
 
 def load_params(path: str, trainer: Trainer, tokenizer: dict):
-  """Params for `trainer` from an HF, Meta or lima_jax directory, placed on its shardings.
-  `tokenizer` is the run's `ChatTokenizer.meta()`, planned by `run_tokenizer` for `path`."""
+  """Params for `trainer` from an HF, Meta or lima_jax directory, placed on its shardings (with
+  LoRA the base model's, no adapters). `tokenizer` is the run's `ChatTokenizer.meta()`, planned
+  by `run_tokenizer` for `path`."""
   source = open_source(path)
   model_cfg = trainer.model_cfg
-  abstract = trainer.abstract_state["params"]
+  abstract = lora.frozen(trainer.abstract_state["params"])
   add_eot = False
   if isinstance(source, OrbaxParams):
+    if source.lora_rank:
+      raise LimaError(f"init_from: {path} holds LoRA adapters without their base; export the "
+                      "merged model (python -m lima_jax.select --choose=E --format=orbax) and "
+                      "start from that")
     fields = source.fields
     if source.tokenizer_sha256 and source.tokenizer_sha256 != tokenizer["sha256"]:
       raise LimaError(f"data.tokenizer_path: differs from the tokenizer of {path}")
@@ -252,10 +259,20 @@ def load_params(path: str, trainer: Trainer, tokenizer: dict):
 
 
 def init_state(trainer: Trainer, path: str, tokenizer: dict) -> dict:
-  """A fresh train state whose params come from `path`; the optimizer starts from zero.
-  `tokenizer`: the run's `ChatTokenizer.meta()`."""
-  params = load_params(path, trainer, tokenizer)
-  shardings = trainer.state_shardings
-  opt_state = jax.jit(trainer.optimizer.init, out_shardings=shardings["opt_state"])(params)
-  step = jax.device_put(np.zeros((), np.int32), shardings["step"])
-  return {"step": step, "params": params, "opt_state": opt_state}
+  """A fresh train state whose params come from `path` (with LoRA: the frozen base, and fresh
+  adapters); the optimizer starts from zero. `tokenizer`: the run's `ChatTokenizer.meta()`."""
+  return trainer.state_from(load_params(path, trainer, tokenizer))
+
+
+def lora_base(meta: dict, trainer: Trainer) -> dict:
+  """The frozen base params of a LoRA run, from its checkpoint metadata (`lora.BASE`): its
+  init_from loaded again, or its seed's random init; placed on `trainer`'s mesh. Raises
+  LimaError when init_from is gone."""
+  record = meta.get(lora.BASE) or {}
+  path = record.get("init_from")
+  if not path:
+    return lora.frozen(trainer.init(record.get("seed", 0))["params"])
+  if not epath.Path(path).exists():
+    raise LimaError(f"{path}: the base model this LoRA run was trained on is gone (its "
+                    "checkpoints hold the adapters alone); put it back at that path")
+  return load_params(path, trainer, meta["tokenizer"])
