@@ -2,8 +2,10 @@
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 
@@ -13,11 +15,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def final_params(cfg, workdir):
-  """Params of the newest checkpoint in `workdir`, as host arrays."""
+  """Params of the newest checkpoint in `workdir` (with LoRA, the adapters it holds), as host
+  arrays."""
   setup = train.prepare(cfg, workdir)
   ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"))
   try:
-    state = ckpts.restore(ckpts.latest_step(), setup.trainer.abstract_state)
+    state = ckpts.restore(ckpts.latest_step(),
+                          setup.trainer.checkpointed(setup.trainer.abstract_state))
   finally:
     ckpts.close()
   return jax.device_get(state["params"])
@@ -38,6 +42,30 @@ def train_cli(*args, **popen_kwargs):
   """`python -m lima_jax.train ARGS` started in the repository root."""
   return subprocess.Popen([sys.executable, "-m", "lima_jax.train", *args], cwd=ROOT,
                           **popen_kwargs)
+
+
+def checkpoint_write_in_progress(workdir):
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(ckpt_dir) and any("tmp" in name for name in os.listdir(ckpt_dir))
+
+
+def run_and_kill(flags, workdir, *, after_seconds=None, during_checkpoint_write=False):
+  """Starts `python -m lima_jax.train FLAGS` and SIGKILLs it once it is stepping: after a
+  delay, or as soon as a checkpoint is being written. Returns True if it was killed before
+  finishing."""
+  proc = train_cli(*flags, f"--workdir={workdir}", stdout=subprocess.PIPE,
+                   stderr=subprocess.DEVNULL, text=True)
+  proc.stdout.readline()  # the start-up line: set-up is done, stepping begins
+  deadline = time.monotonic() + (after_seconds if after_seconds is not None else 120)
+  while proc.poll() is None and time.monotonic() < deadline:
+    if during_checkpoint_write and checkpoint_write_in_progress(workdir):
+      break
+    time.sleep(0.002)
+  if proc.poll() is not None:
+    return False
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  return True
 
 
 def random_hf_llama(path, *, vocab, d=64, heads=4, kv=4, ffn=96, tied=False, theta=10_000.0,

@@ -16,6 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import helpers
 from helpers import ROOT, final_params, train_cli, tree_hashes
 from lima_jax import checkpoint, config, loop, run_files, train
 from lima_jax.weights import pretrained
@@ -48,27 +49,8 @@ def assert_same_params(a, b):
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-def checkpoint_write_in_progress(workdir):
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  return os.path.isdir(ckpt_dir) and any("tmp" in name for name in os.listdir(ckpt_dir))
-
-
-def run_and_kill(workdir, *, after_seconds=None, during_checkpoint_write=False):
-  """Starts training and SIGKILLs it once it is stepping: after a delay, or as soon as a
-  checkpoint is being written. Returns True if it was killed before finishing."""
-  proc = train_cli(*FLAGS, f"--workdir={workdir}", stdout=subprocess.PIPE,
-                   stderr=subprocess.DEVNULL, text=True)
-  proc.stdout.readline()  # the start-up line: set-up is done, stepping begins
-  deadline = time.monotonic() + (after_seconds if after_seconds is not None else 120)
-  while proc.poll() is None and time.monotonic() < deadline:
-    if during_checkpoint_write and checkpoint_write_in_progress(workdir):
-      break
-    time.sleep(0.002)
-  if proc.poll() is not None:
-    return False
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  return True
+def run_and_kill(workdir, **kwargs):
+  return helpers.run_and_kill(FLAGS, workdir, **kwargs)
 
 
 def test_sigkill_at_random_moments_then_rerun_matches_uninterrupted(reference, tmp_path):
