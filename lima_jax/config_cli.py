@@ -69,6 +69,46 @@ def _unknown_config_key(error: Exception) -> None:
   fail(f"--config: {path}: {type(error).__name__}: {message}")
 
 
+# absl's parser type names (flag_type()) of the overrides of int, float and bool keys.
+_EXPECTED = {"int": "an int", "float": "a float", "bool": "a bool, true or false"}
+
+
+def _override_values(argv):
+  """(key, value) of each --config.KEY=VALUE or --config.KEY VALUE on the command line."""
+  for i, arg in enumerate(argv):
+    match = _OVERRIDE.match(arg)
+    if not match or arg.startswith(("--noconfig.", "-noconfig.")):
+      continue
+    if "=" in arg:
+      yield match.group(1), arg.split("=", 1)[1]
+    elif i + 1 < len(argv):
+      yield match.group(1), argv[i + 1]
+
+
+def _bad_config_value(argv, error: Exception) -> None:
+  """Names the override whose value does not parse as its key's type in the config file.
+
+  ml_collections gives each --config.KEY flag absl's parser for the type of KEY's value in the
+  file, and absl reports a failure as "flag --config.KEY=VALUE: <int()'s own message>". The
+  culprit is found by asking each override's parser again rather than by reading that text;
+  an error that is not an override's is reported as absl words it.
+  """
+  path = _config_file(argv[1:])
+  for key, value in _override_values(argv[1:]):
+    name = f"config.{key}"
+    if name not in flags.FLAGS:
+      continue
+    parser = flags.FLAGS[name].parser
+    try:
+      parser.parse(value)
+    except (TypeError, ValueError, OverflowError) as e:
+      kind = parser.flag_type()
+      why = "" if kind in _EXPECTED else f": {e}"  # a tuple's parser says what it wanted
+      fail(f"--config.{key}={value}: expected {_EXPECTED.get(kind, f'a {kind}')} (the type of "
+           f"{key} in {path}){why}")
+  fail(f"command line: {error}")
+
+
 def _define_config_flag():
   # ml_collections applies `--config.x=...` overrides of the default file while defining the
   # flag, so an unknown key surfaces here.
@@ -110,6 +150,8 @@ def parse_flags(argv):
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:  # an override names no key of the given config file
     _unknown_config_key(e)
+  except flags.IllegalFlagValueError as e:  # e.g. --config.train.epochs=abc
+    _bad_config_value(argv, e)
   except flags.Error as e:
     fail(f"command line: {e}")
 

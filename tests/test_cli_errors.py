@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from helpers import ROOT, tree_hashes
-from lima_jax import config, train
+from lima_jax import config, config_cli, train
 TINY = ["--config.train.epochs=1", "--config.train.batch_size=32", "--config.data.max_length=64",
         "--config.model.n_layers=1", "--config.optimizer.warmup_steps=0"]  # 3 steps
 
@@ -164,6 +164,27 @@ def test_unknown_key_is_named_with_ml_collections_hint(module, args, key, tmp_pa
   lines = [line for line in proc.stderr.splitlines() if line.strip()]
   assert lines[-1].startswith(f"error: --config.{key}: no such config key"), lines
   assert all(h in lines[-1] for h in hint), (hint, lines[-1])
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("module, args, override, expected", [
+    ("train", [], "train.epochs=abc", "an int"),  # the default file: the path config_cli names
+    ("train", ["--config=configs/lima_7b.py"], "optimizer.learning_rate=fast", "a float"),
+    ("plan", ["--topology=cpu:8"], "data.train_on_prompt=maybe", "a bool, true or false"),
+])
+def test_value_of_the_wrong_type_names_key_value_and_type(module, args, override, expected,
+                                                          tmp_path):
+  """Before, absl's own words came out: `error: command line: flag --config.train.epochs=abc:
+  invalid literal for int() with base 10: 'abc'`, which this exact line does not match."""
+  config_file = args[0].split("=", 1)[1] if args[0:1] and args[0].startswith("--config=") else (
+      config_cli.DEFAULT_CONFIG)
+  proc = subprocess.run([sys.executable, "-m", f"lima_jax.{module}", *args, f"--config.{override}",
+                         f"--workdir={tmp_path / 'run'}"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  key = override.split("=", 1)[0]
+  assert [line for line in proc.stderr.splitlines() if line.strip()] == [
+      f"error: --config.{override}: expected {expected} (the type of {key} in {config_file})"]
   assert not (tmp_path / "run").exists()
 
 

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from lima_jax import config, data, plan, sharding, topology, train, wall_time
+from lima_jax import config, data, plan, plan_report, sharding, topology, train, wall_time
 from lima_jax.errors import LimaError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,7 +124,7 @@ def test_65b_does_not_fit_a_v4_8_and_the_advice_says_what_to_change():
   topo = topology.parse("v4-8")
   report = plan.plan_run(cfg, topo, num_examples=1000)
   assert not report["fits"] and report["bytes_per_device"] > 32 * topology.GIB
-  tips = plan.advice(report, cfg, topo)
+  tips = plan_report.advice(report, cfg, topo)
   assert "more fsdp" in tips[0] and "--topology=v4-" in tips[0]
   assert any("micro_batch_rows=0" in tip for tip in tips)
 
@@ -276,7 +276,7 @@ def test_the_report_prints_each_part_and_its_share():
                                  "dev_loss_s_per_epoch": 1.7, "generations_s_per_epoch": 41.0,
                                  "decode_step_s": 0.005},
             "params": 65.3e9, "total_steps": 480, "mfu": 0.4}
-  text = "\n".join(plan.render_wall_time(report))
+  text = "\n".join(plan_report.render_wall_time(report))
   for piece in ("22% of it besides the steps", "16 s    1%", "2175 s   78%", "272 s   10%",
                 "8 full states of 783 GB", "6 params exports of 261 GB", "5.0 ms"):
     assert piece in text, piece

@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 from helpers import ROOT, randomize
 from test_convert import PIECES, TOKENIZER, hf_logits, our_logits, to_meta
 
-from lima_jax import config, config_cli, convert, data, plan, topology, train
+from lima_jax import config, config_cli, convert, data, plan, plan_report, topology, train
 from lima_jax.errors import LimaError
 from lima_jax.weights import pretrained
 
@@ -224,7 +224,7 @@ def test_plan_takes_the_shape_from_config_json_alone(tmp_path):
       64, 2, 4, 2, 96)
   assert (m["rope_scaling_type"], m["rope_scaling_original_max_position"]) == ("llama3", 64)
   assert report["vocab_size"] == PIECES + 1 and len(report["dropout_per_layer"]) == 2
-  assert "llama3 scaling x8 (low 1, high 4, original 64)" in plan.render(report, "x")
+  assert "llama3 scaling x8 (low 1, high 4, original 64)" in plan_report.render(report, "x")
 
   cfg.data.tokenizer_path = TOKENIZER  # 1,000 pieces: the weights' 1,000 rows fit
   assert plan.plan_run(cfg, topology.parse("cpu:8"), num_examples=100)["vocab_size"] == PIECES + 1
