@@ -169,6 +169,8 @@ def check_same_model(meta: dict, model_fields: dict, where: str) -> None:
   for key, value in model_fields.items():
     if key in EXECUTION_ONLY_FIELDS:
       continue
+    if isinstance(value, tuple):  # the saved metadata is JSON: a list
+      value = list(value)
     if key in saved and saved[key] != value:
       raise LimaError(f"{where}: holds a checkpoint with model.{key}={saved[key]!r}, but the "
                       f"config says {value!r}; use a fresh --workdir or the same model config")

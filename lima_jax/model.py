@@ -5,6 +5,8 @@ attention restricted to each packed example, SwiGLU feed-forward, the decoder bl
 each sub-layer's output before the residual add, a scanned stack of blocks (or a loop over them:
 `scan_layers`), and the LM head.
 `Llama.extend` is the inference path of the same stack: it reads and extends a KV cache.
+With LoRA (`lora_rank` > 0) each targeted projection adds its low-rank adapter's output
+(`lima_jax.lora`); the paper's recipe is the default, rank 0: no adapters.
 
 Params carry logical axis names (`lima_jax.sharding` maps them onto the mesh); activations are
 constrained by the `sharding.Constrainer` the caller passes in, so this file knows no mesh. The
