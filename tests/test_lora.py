@@ -2,7 +2,6 @@
 a LoRA workdir resumes exactly and refuses a rerun with other adapters."""
 
 import os
-import random
 import subprocess
 
 import jax
@@ -108,18 +107,14 @@ def test_a_lora_workdir_holds_adapters_alone_and_generates_with_them(reference, 
 
 
 def test_sigkill_then_rerun_ends_bit_identical_to_an_uninterrupted_lora_run(reference, tmp_path):
-  """Killed once a checkpoint exists (while the next is being written, then at a random
-  moment), the rerun resumes from a checkpoint (the base reloaded, the adapters restored) and
+  """Killed once a checkpoint exists, while the next one is being written, the rerun resumes from a checkpoint (the base reloaded, the adapters restored) and
   ends with the adapters of the uninterrupted run."""
   _, want = reference
   workdir = str(tmp_path)
-  rng = random.Random(7)
   proc = train_cli(*FLAGS, f"--workdir={workdir}", "--config.train.stop_after_steps=4",
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   assert proc.wait(timeout=300) == 0, proc.stderr.read()[-2000:]
-  kills = [run_and_kill(FLAGS, workdir, during_checkpoint_write=True),
-           run_and_kill(FLAGS, workdir, after_seconds=rng.uniform(0.3, 2.0))]
-  assert any(kills)
+  assert run_and_kill(FLAGS, workdir, during_checkpoint_write=True)
   finish = train_cli(*FLAGS, f"--workdir={workdir}", stdout=subprocess.PIPE,
                      stderr=subprocess.PIPE, text=True)
   out, err = finish.communicate(timeout=300)
