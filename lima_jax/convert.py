@@ -5,6 +5,7 @@
   python -m lima_jax.convert gguf-to-orbax MODEL.gguf OUT_DIR # llama.cpp's format, dequantised
   python -m lima_jax.convert gguf-to-hf    MODEL.gguf OUT_DIR # the same, as an HF directory
   python -m lima_jax.convert orbax-to-hf   CKPT_DIR OUT_DIR   # for transformers / vLLM
+  python -m lima_jax.convert orbax-to-hf   CKPT_DIR OUT_DIR --peft  # a LoRA run's adapters
 
 HF and Meta imports add LIMA's EOT token (a new row after the weights' rows, the mean of the
 others; or --eot-token names an existing one), pad the vocabulary for the TPU and copy the
@@ -12,7 +13,9 @@ tokenizer's files next to the weights; train from the result with `--config.init
 A GGUF file's tokenizer, rebuilt from its metadata, is written as tokenizer.json; its EOT is the
 file's own end token (`<|im_end|>` for chat models such as SmolLM2) unless --eot-token names
 another, so the vocabulary stays as it is. CKPT_DIR is such an import or a training workdir
-(its latest checkpoint, or --step). Every conversion reports the peak host memory it used.
+(its latest checkpoint, or --step); a LoRA run's export is its base with the adapters merged
+in, or with --peft the adapters alone for `peft.PeftModel.from_pretrained`. Every conversion
+reports the peak host memory it used.
 """
 
 import argparse
@@ -25,7 +28,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from lima_jax import data, sharding
+from lima_jax import data, lora_export, sharding
 from lima_jax.cli import quiet_logs
 from lima_jax.errors import LimaError
 from lima_jax.model import LlamaConfig
@@ -102,15 +105,24 @@ def gguf_to_hf(path: str, out_dir: str, *, eot_token: str = "", dtype: str = "fl
 
 
 def export_hf(ckpt_dir: str, out_dir: str, *, step: int | None = None,
-              dtype: str | None = None, shard_gb: float = 5.0) -> list[str]:
-  """Writes an HF directory from our checkpoint, one param on the host at a time."""
+              dtype: str | None = None, shard_gb: float = 5.0, peft: bool = False) -> list[str]:
+  """Writes an HF directory from our checkpoint, one param on the host at a time. A LoRA run's
+  checkpoint gives its merged model (base + adapters, `lora_export.merged`), or with peft=True
+  its adapters alone in PEFT's format; peft=True on other checkpoints raises LimaError."""
   params = pretrained.OrbaxParams(ckpt_dir, step)
+  if peft:
+    return lora_export.write_peft(lora_export.kept_checkpoint(params), params, out_dir,
+                                  flag="--peft")
   tokenizer = params.tokenizer()
   if tokenizer is None:
     raise LimaError(f"{ckpt_dir}: its tokenizer ({params.tokenizer_path}) is missing")
-  if dtype is None:  # keep the stored precision, so a round trip is exact
-    dtype = str(params.host("final_norm.scale").dtype)
-  return hf.write_dir(out_dir, params.fields, params.host, tokenizer=tokenizer,
+  fields, fetch = params.fields, params.host
+  if params.lora_rank:  # the checkpoint holds adapters alone: merge them into the base
+    fields, tree = lora_export.merged(lora_export.kept_checkpoint(params), params)
+    fetch = lora_export.fetcher(tree)
+  if dtype is None:  # keep the stored precision (a LoRA base's), so a round trip is exact
+    dtype = str(fetch("final_norm.scale").dtype)
+  return hf.write_dir(out_dir, fields, fetch, tokenizer=tokenizer,
                       extras=params.extras, dtype=_DTYPES[dtype],
                       shard_bytes=int(shard_gb * (1 << 30)))
 
@@ -145,6 +157,9 @@ def _parser() -> argparse.ArgumentParser:
   sub.add_argument("--step", type=int, help="checkpoint step of a workdir (default: latest)")
   sub.add_argument("--dtype", choices=sorted(_DTYPES), help="default: as stored")
   sub.add_argument("--shard-gb", type=float, default=5.0, help="safetensors shard size")
+  sub.add_argument("--peft", action="store_true", help="a LoRA run: its adapters alone in "
+                   "PEFT's format (adapter_model.safetensors + adapter_config.json) instead of "
+                   "the merged model")
   return parser
 
 
@@ -155,8 +170,8 @@ def main(argv=None) -> int:
   try:
     if args.command == "orbax-to-hf":
       files = export_hf(args.source, args.out, step=args.step, dtype=args.dtype,
-                        shard_gb=args.shard_gb)
-      what = f"{len(files)} safetensors file(s)"
+                        shard_gb=args.shard_gb, peft=args.peft)
+      what = "PEFT adapters" if args.peft else f"{len(files)} safetensors file(s)"
     elif args.command == "gguf-to-hf":
       files = gguf_to_hf(args.source, args.out, eot_token=args.eot_token, dtype=args.dtype,
                          shard_gb=args.shard_gb)

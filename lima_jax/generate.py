@@ -98,10 +98,10 @@ def open_kept(kept: run_files.Kept):
   return source, tokenizer
 
 
-def restore_kept(kept: run_files.Kept, source):
+def restore_kept(kept: run_files.Kept, source, *, base: bool = True):
   """(trainer, params on its mesh) for params found by `run_files.locate`; a LoRA run's
-  adapters joined to its base, loaded again from where the run loaded it. Raises LimaError when
-  that base is gone."""
+  adapters joined to its base, loaded again from where the run loaded it (base=False: the
+  adapters alone). Raises LimaError when that base is gone."""
   # The kernel that trained the model may not run here (splash on a TPU pod, generation on a GPU
   # or CPU): generation uses this machine's own.
   model_cfg = LlamaConfig(**dict(kept.meta["model"], attention="auto"))
@@ -112,6 +112,8 @@ def restore_kept(kept: run_files.Kept, source):
     return trainer, source.restore(abstract)
   from lima_jax.weights import pretrained  # pylint: disable=import-outside-toplevel
   adapters = source.restore(lora.adapters(abstract))
+  if not base:
+    return trainer, adapters
   return trainer, lora.join(pretrained.lora_base(kept.meta, trainer), adapters)
 
 

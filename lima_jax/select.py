@@ -6,7 +6,8 @@
 The report shows every epoch's dev generations side by side with the loss, perplexity and LR
 curves. --choose writes <workdir>/chosen.json and exports that epoch's params for serving: a
 Hugging Face directory (--format=hf), or our params-only Orbax directory (--format=orbax, usable
-as `init_from`).
+as `init_from`); for a LoRA run both hold its base with the adapters merged in, and
+--format=peft writes the adapters alone for `peft.PeftModel.from_pretrained`.
 """
 
 import datetime
@@ -58,6 +59,8 @@ def choose(workdir: str, epoch: int, out: str, fmt: str) -> dict:
   if fmt == "hf":
     from lima_jax import convert  # pylint: disable=import-outside-toplevel
     convert.export_hf(kept.directory, out, step=kept.number)
+  elif fmt == "peft":
+    _export_peft(kept, out)
   else:
     _export_orbax(kept, out, f"{workdir} epoch {epoch}")
   choice = {"epoch": epoch, "step": kept.step, "params": _where(kept),
@@ -78,20 +81,27 @@ def _as_recorded(path: str, workdir: str) -> str:
 
 def _export_orbax(kept: run_files.Kept, out: str, description: str) -> None:
   # Imported here: loading params onto a mesh pulls in the whole model stack.
-  from lima_jax import generate  # pylint: disable=import-outside-toplevel
-  from lima_jax.weights import layout, pretrained  # pylint: disable=import-outside-toplevel
+  from lima_jax import generate, lora_export  # pylint: disable=import-outside-toplevel
+  from lima_jax.weights import pretrained  # pylint: disable=import-outside-toplevel
   params_source, tokenizer = generate.open_kept(kept)
-  _, params = generate.restore_kept(kept, params_source)
-  fields = layout.model_fields(kept.meta["model"])  # runs older than RoPE scaling: unscaled
+  # A LoRA run's adapters merged into its base: a plain model, usable as init_from.
+  fields, params = lora_export.merged(kept, params_source)
   pretrained.save(out, params, fields, tokenizer=tokenizer, extras={}, source=description)
+
+
+def _export_peft(kept: run_files.Kept, out: str) -> None:
+  from lima_jax import generate, lora_export  # pylint: disable=import-outside-toplevel
+  params_source, _ = generate.open_kept(kept)
+  lora_export.write_peft(kept, params_source, out, flag="--format=peft")
 
 
 def _parser() -> ArgumentParser:
   parser = ArgumentParser(prog="python -m lima_jax.select", description=summary(__doc__))
   parser.add_argument("--workdir", required=True, help="the training run's directory")
   parser.add_argument("--choose", type=int, metavar="E", help="record epoch E and export it")
-  parser.add_argument("--format", choices=("hf", "orbax"), default="hf",
-                      help="export format for --choose (default: hf)")
+  parser.add_argument("--format", choices=("hf", "orbax", "peft"), default="hf",
+                      help="export format for --choose (default: hf); a LoRA run's hf and "
+                      "orbax exports are its merged model, peft its adapters alone")
   parser.add_argument("--out", help="export directory (default: <workdir>/export/epoch_<E>)")
   return parser
 

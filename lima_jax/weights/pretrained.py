@@ -88,7 +88,7 @@ class OrbaxParams:
     self.fields = layout.model_fields(saved.get("model"))
     if self.fields is None:
       raise LimaError(f"{path}: step {step} has no lima_jax model metadata")
-    self.step = step
+    self.step, self.meta, self.ckpt_dir = step, saved, ckpt_dir
     self.lora_rank = saved.get("model", {}).get("lora_rank", 0)  # >0: adapters alone, no base
     self.extras = saved.get("hf", {})
     self.tokenizer_sha256 = saved.get("tokenizer_sha256")
