@@ -418,7 +418,8 @@ def render_wall_time(report: dict) -> list[str]:
   saves = d["saves"]
   notes = {
       "weights_load_s": (f"{_gb(report['load_bytes'])} of "
-                         f"{'frozen base ' if report.get('lora') else ''}weights over {a['hosts']} host{'s' if a['hosts'] > 1 else ''} at "
+                         f"{'frozen base ' if report.get('lora') else ''}weights over "
+                         f"{a['hosts']} host{'s' if a['hosts'] > 1 else ''} at "
                          f"{a['read_gb_per_s']:g} GB/s each"
                          if a["source_bytes_per_param"] else "random init: nothing to read"),
       "compile_s": "train step, eval step, decode loop",
