@@ -19,9 +19,9 @@ table; the repository's `scripts/finetune_guanaco_65b.sh` passes `--lora_r 64 --
 --lora_modules all --lora_dropout 0.05 --learning_rate 0.0001`).
 
 The peak LR: LIMA's 1e-5 is tuned for moving pretrained weights. Adapters start with B = 0 and
-reach the model through alpha / rank = 0.25, so at 1e-5 they would barely leave zero in LIMA's
-480 steps. QLoRA trained its adapters ten times faster than LIMA's full fine-tune (1e-4 at 33B
-and 65B, 2e-4 below). We take QLoRA's 65B rate, at QLoRA's alpha / rank, as the peak and keep LIMA's
+reach the model through alpha / rank = 0.25, so at 1e-5 they would move little in LIMA's 480
+steps. QLoRA trained its adapters at ten times LIMA's full fine-tuning rate (1e-4 at 33B and
+65B, 2e-4 below). We take QLoRA's 65B rate, at QLoRA's alpha / rank, as the peak and keep LIMA's
 shape: 1e-4 decaying linearly to 1e-5, no warmup (QLoRA held its rate constant after a 3%
 warmup; LIMA's decay is the part of its recipe we keep). QLoRA's other choices (AdamW b2 0.999,
 no weight decay, gradient clipping at 0.3, 4-bit NF4 base) are not LIMA's, and stay out.
