@@ -25,8 +25,8 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from lima_jax import (config, config_cli, data, optim, plan_report, sharding, topology, train,
-                      wall_time)
+from lima_jax import (config, config_cli, cpu_upcast, data, lora, optim, plan_report, sharding,
+                      topology, train, wall_time)
 from lima_jax.cli import fail, quiet_logs, use_fake_cpu_devices
 from lima_jax.errors import LimaError
 from lima_jax.model import residual_dropout_rates
@@ -104,7 +104,7 @@ def plan_run(cfg, topo: topology.Topology, *, num_examples: int | None = None,
   optimizer, schedule = optim.make_optimizer(cfg.optimizer, total_steps)
   model_cfg = train.model_config(cfg.model, vocab, source and source[0],
                                  pinned=config_cli.pinned_model_keys(),
-                                 where=f"init_from {cfg.init_from}")
+                                 where=f"init_from {cfg.init_from}", lora_section=cfg.lora)
   trainer = Trainer(model_cfg, optimizer, schedule, mesh, cfg.seed,
                     loss_chunk_tokens=cfg.train.loss_chunk_tokens)
   layout, mean_rows, rows_source = _layout(cfg, examples, epochs, total_steps, mesh, avg_tokens)
@@ -115,8 +115,10 @@ def plan_run(cfg, topo: topology.Topology, *, num_examples: int | None = None,
   step_compile_s = time.perf_counter() - started
   memory = compiled.memory_analysis()
   # Donated state: the outputs reuse the arguments' buffers (alias), so count them once.
+  # XLA:CPU's f32 copies of bf16 params (a frozen bf16 base): no TPU makes them.
+  upcast = cpu_upcast.f32_copies_of_bf16_arguments(compiled.as_text())
   used = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-          + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
+          + memory.temp_size_in_bytes - upcast + memory.generated_code_size_in_bytes)
   flops = _model_flops(trainer, mean_rows, cfg.data.max_length)
   step_s = (flops / (topo.devices * topo.peak_flops * mfu)) if topo.peak_flops else None
   times = None
@@ -132,13 +134,20 @@ def plan_run(cfg, topo: topology.Topology, *, num_examples: int | None = None,
         wall_time.run_of_plan(
             cfg, topo, trainer, steps_per_epoch=epochs.steps_per_epoch, step_s=step_s,
             flops_per_s=topo.devices * topo.peak_flops * mfu, compile_s=compile_s,
-            dev_loss_flops=_model_flops(trainer, dev_rows, length) / 3,
+            dev_loss_flops=_model_flops(trainer, dev_rows, length, backward=False),
             batch_ways=sharding.batch_ways(mesh), a=assume),
         assume, wall_time.Policy.from_config(cfg))
+  params = trainer.abstract_state["params"]
+  trained = trainer.trainable(params)
   return {
       "topology": topo.name, "chip": topo.chip, "devices": topo.devices,
       "mesh": dict(mesh.shape), "remat": cfg.model.remat, "compute_dtype": cfg.model.compute_dtype,
       "params": trainer.num_params, "vocab_size": vocab,
+      "param_dtype": cfg.model.param_dtype,
+      "trainable_params": sum(x.size for x in jax.tree.leaves(trained)),
+      "lora": {"rank": model_cfg.lora_rank, "alpha": model_cfg.lora_alpha,
+               "targets": list(model_cfg.lora_targets), "dropout": model_cfg.lora_dropout}
+              if trainer.uses_lora else None,
       "model": {k: getattr(model_cfg, k) for k in train.SHAPE_KEYS},
       "loss_chunk_tokens": cfg.train.loss_chunk_tokens,
       "num_examples": num_examples, "batch_size": cfg.train.batch_size,
@@ -154,18 +163,30 @@ def plan_run(cfg, topo: topology.Topology, *, num_examples: int | None = None,
       "batch_shards": sharding.batch_ways(mesh),
       "argument_bytes": memory.argument_size_in_bytes, "output_bytes": memory.output_size_in_bytes,
       "alias_bytes": memory.alias_size_in_bytes, "temp_bytes": memory.temp_size_in_bytes,
+      "cpu_upcast_bytes": upcast,
       "bytes_per_device": used, "hbm_bytes_per_device": topo.hbm_bytes,
+      # The state's parts on one device (arguments, as sharded): what LoRA changes.
+      "state_bytes_per_device": {
+          "frozen_params": _device_bytes(lora.frozen(params)) if trainer.uses_lora else 0,
+          "trained_params": _device_bytes(trained),
+          "opt_state": _device_bytes(trainer.abstract_state["opt_state"])},
       "fits": used <= topo.hbm_bytes,
       "flops_per_step": flops, "mfu": mfu, "step_time_s": step_s,
       "compute_time_s": None if step_s is None else step_s * total_steps,
       "compile_s": step_compile_s,
-      **(times or {"wall_time": None, "checkpoint_bytes": None}),
+      **(times or {"wall_time": None, "checkpoint_bytes": None, "load_bytes": None}),
       "assumptions": {"read_gb_per_s": assume.read_Bps / 1e9,
                       "write_gb_per_s": assume.write_Bps / 1e9,
                       "d2h_gb_per_s": assume.d2h_Bps / 1e9,
                       "source_bytes_per_param": assume.source_bytes_per_param,
                       "dev_prompts": assume.dev_prompts, "hosts": topo.hosts},
   }
+
+
+def _device_bytes(tree) -> int:
+  """Bytes of an abstract, sharded tree on one device (the shards are even: check_divisible)."""
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+             for x in jax.tree.leaves(tree))
 
 
 def _validate(cfg) -> None:
@@ -238,18 +259,31 @@ def _abstract_batch(trainer: Trainer, layout: data.StepLayout) -> dict:
           for k in BATCH_KEYS}
 
 
-def _model_flops(trainer: Trainer, rows: float, length: int) -> float:
-  """Model FLOPs of a step computing `rows` packed rows (padding included: it is computed).
+def _model_flops(trainer: Trainer, rows: float, length: int, backward: bool = True) -> float:
+  """Model FLOPs of a step computing `rows` packed rows (padding included: it is computed);
+  backward=False: the forward pass alone (the dev loss).
 
-  6 per matmul weight per token (forward + backward) plus the attention scores, as in the usual
-  MFU definition; remat's recomputation is not counted. XLA's cost analysis is not used: it
-  counts the scanned layer once, not once per layer.
+  Per token of context T, as in the usual MFU definition (Kaplan et al. 2020, arXiv:2001.08361,
+  section 2.1; PaLM, arXiv:2204.02311, appendix B): the forward pass costs 2 per matmul weight
+  and 4 L d T for the attention scores. The backward pass computes every matmul's input
+  gradient, as much again (twice for the attention scores, both of whose operands are
+  activations), and every trained weight's gradient, as much again: 6N + 12 L d T in all for
+  full fine-tuning. With LoRA only the adapters train: the frozen base's weight gradients are
+  never computed, so 4 per base weight and 6 per adapter weight (Hu et al. 2021,
+  arXiv:2106.09685, section 4.2, measured 25% faster training on GPT-3 175B for this reason).
+  Remat's recomputation is not counted. XLA's cost analysis is not used: it counts the scanned
+  layer once, not once per layer.
   """
   cfg = trainer.model_cfg
   params = trainer.abstract_state["params"]
   matmul = trainer.num_params - (0 if cfg.tie_embeddings else params["embed"].size)
+  trained = lora.trainable_count(params) if trainer.uses_lora else matmul
   tokens = rows * length
-  return 6.0 * matmul * tokens + 12.0 * cfg.n_layers * cfg.d_model * length * tokens
+  weights = 2.0 * matmul * tokens
+  attention = 4.0 * cfg.n_layers * cfg.d_model * length * tokens
+  if not backward:
+    return weights + attention
+  return 2.0 * weights + 3.0 * attention + 2.0 * trained * tokens
 
 
 def _assumptions() -> wall_time.Assumptions:

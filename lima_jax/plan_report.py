@@ -47,8 +47,21 @@ def _shape(m: dict) -> str:
           + (", tied embeddings" if m["tie_embeddings"] else ""))
 
 
+def _trains(report: dict) -> str:
+  if not report["lora"]:
+    return f"every weight (full fine-tuning), params in {report['param_dtype']}"
+  lo = report["lora"]
+  return (f"LoRA adapters of rank {lo['rank']} (alpha {lo['alpha']:g}, dropout {lo['dropout']:g}) "
+          f"on {','.join(lo['targets'])}: {_count(report['trainable_params'])} of "
+          f"{_count(report['params'])} params; the base frozen in {report['param_dtype']}")
+
+
 def _bytes(n: float) -> str:
   return f"{n / topology.GIB:.2f} GiB" if n >= topology.GIB / 10 else f"{n / 2**20:.1f} MiB"
+
+
+def _gb(n: float) -> str:
+  return f"{n / 1e9:,.0f} GB" if n >= 1e10 else f"{n / 1e9:.2g} GB"
 
 
 def _count(n: float) -> str:
@@ -65,6 +78,7 @@ def render(report: dict, config_name: str) -> str:
       + (f"{report['loss_chunk_tokens']:,} positions at a time" if report["loss_chunk_tokens"]
          else "over whole rows"),
       "  shape     " + _shape(report["model"]),
+      "  trains    " + _trains(report),
       "  mesh      " + " ".join(f"{k}={v}" for k, v in report["mesh"].items()),
       f"  steps     {report['num_examples']:,} examples, batch {report['batch_size']}: "
       f"{report['steps_per_epoch']} steps/epoch x {report['epochs']} epochs = "
@@ -83,9 +97,19 @@ def render(report: dict, config_name: str) -> str:
   outputs = report["output_bytes"] - report["alias_bytes"]
   lines.append(
       f"  memory    per device: {_bytes(report['argument_bytes'])} arguments + "
-      f"{_bytes(outputs)} outputs not aliased to them + {_bytes(report['temp_bytes'])} "
-      f"temporaries = {_bytes(used)} of {_bytes(hbm)} HBM "
+      f"{_bytes(outputs)} outputs not aliased to them + "
+      f"{_bytes(report['temp_bytes'] - report['cpu_upcast_bytes'])} temporaries = "
+      f"{_bytes(used)} of {_bytes(hbm)} HBM "
       f"({100 * used / hbm:.0f}%): {'fits' if report['fits'] else 'DOES NOT FIT'}")
+  state = report["state_bytes_per_device"]
+  lines.append(
+      "            of which the state: "
+      + (f"{_bytes(state['frozen_params'])} frozen base ({report['param_dtype']}) + "
+         f"{_bytes(state['trained_params'])} adapters (float32)" if report["lora"]
+         else f"{_bytes(state['trained_params'])} params ({report['param_dtype']})")
+      + f" + {_bytes(state['opt_state'])} optimizer state"
+      + (f"; XLA:CPU's f32 copies of the bf16 params ({_bytes(report['cpu_upcast_bytes'])} more "
+         "temporaries) are left out: a TPU computes in bf16" if report["cpu_upcast_bytes"] else ""))
   tflop = report["flops_per_step"] / 1e12
   compute = f"  compute   {tflop:,.0f} TFLOP" if tflop >= 100 else f"  compute   {tflop:.3g} TFLOP"
   compute += " per step (model FLOPs)"
@@ -102,14 +126,16 @@ def render(report: dict, config_name: str) -> str:
   return "\n".join(lines)
 
 
+
 def render_wall_time(report: dict) -> list[str]:
   """The wall-time split: each part in seconds and as a share of the whole."""
   w, b, a = report["wall_time"], report["checkpoint_bytes"], report["assumptions"]
   d = report["wall_time_detail"]
   saves = d["saves"]
   notes = {
-      "weights_load_s": (f"{report['params'] * a['source_bytes_per_param'] / 1e9:,.0f} GB of "
-                         f"weights over {a['hosts']} host{'s' if a['hosts'] > 1 else ''} at "
+      "weights_load_s": (f"{_gb(report['load_bytes'])} of "
+                         f"{'frozen base ' if report.get('lora') else ''}weights over "
+                         f"{a['hosts']} host{'s' if a['hosts'] > 1 else ''} at "
                          f"{a['read_gb_per_s']:g} GB/s each"
                          if a["source_bytes_per_param"] else "random init: nothing to read"),
       "compile_s": "train step, eval step, decode loop",
@@ -117,9 +143,11 @@ def render_wall_time(report: dict) -> list[str]:
       "epoch_end_s": (f"dev loss {d['dev_loss_s_per_epoch']:.1f} s per epoch; dev generations "
                       f"{d['generations_s_per_epoch']:.0f} s per generating epoch, decode steps "
                       f"of {1e3 * d['decode_step_s']:.1f} ms (HBM-bound)"),
-      "checkpoint_s": (f"waits only: {saves['full_state']} full states of "
-                       f"{b['full_state'] / 1e9:,.0f} GB, {saves['params_export']} params "
-                       f"exports of {b['params_export'] / 1e9:,.0f} GB, written at "
+      "checkpoint_s": (f"waits only: {saves['full_state']} "
+                       f"{'adapter' if report.get('lora') else 'full'} states of "
+                       f"{_gb(b['full_state'])}, {saves['params_export']} "
+                       f"{'adapter' if report.get('lora') else 'params'} exports of "
+                       f"{_gb(b['params_export'])}, written at "
                        f"{a['write_gb_per_s']:g} GB/s per host"),
   }
   names = {"weights_load_s": "load", "compile_s": "compile", "steps_s": "steps",

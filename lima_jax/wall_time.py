@@ -2,7 +2,8 @@
 
 A pod run pays for more than its train steps. This module adds up, in seconds of wall time:
 
-  weights_load  the source weights read from storage, every host reading its share at once
+  weights_load  the source weights read from storage, every host reading its share at once (with
+                LoRA the frozen base: the adapters start fresh)
   compile       the train step, eval step and decode loop (the plan measures the XLA:CPU compile)
   steps         the train steps at the planned MFU (the planner's compute time)
   epoch_end     dev loss (a forward pass over the dev set at the same MFU) every epoch, and dev
@@ -19,7 +20,10 @@ for every write. Each save blocks for its device-to-host copy, for the previous 
 kind (Orbax writes one at a time per directory), and for host memory when the bytes in flight
 would exceed the host's RAM; the rest is written in the background, in order, at the host's
 write bandwidth, while the next steps run. Without `checkpoint.async_save` a save blocks for
-its whole write.
+its whole write. With LoRA a checkpoint holds the adapters, their optimizer state and the step,
+and an export the adapters alone (`Trainer.checkpointed`): small next to the full state; a
+resumed run reads the base again, as at the start (not modelled here: the plan has no
+preemptions).
 
 All bandwidths are bytes per second; `Assumptions` documents each default and its source.
 """
@@ -29,6 +33,7 @@ import dataclasses
 import jax
 import numpy as np
 
+from lima_jax import lora
 from lima_jax.decoding import decode_weights
 
 GB = 10**9
@@ -88,9 +93,9 @@ class Run:
   epochs: int
   step_s: float
   compile_s: float
-  params: int
-  full_state_bytes: int  # params, optimizer state and step, as saved
-  export_bytes: int  # the params alone in checkpoint.export_dtype
+  params: int  # read from the source at start-up: with LoRA the frozen base (adapters start fresh)
+  full_state_bytes: int  # what a checkpoint holds: params (with LoRA the adapters), optimizer, step
+  export_bytes: int  # an epoch's params export in checkpoint.export_dtype (with LoRA the adapters)
   dev_loss_flops: float  # one pass of the dev set's forward
   flops_per_s: float  # the slice's peak FLOP/s times the planned MFU
   decode_weight_bytes: int  # what one decode step reads of the weights, whole slice
@@ -196,8 +201,8 @@ def simulate(run: Run, a: Assumptions, policy: Policy) -> dict:
 
 def wall_time(run: Run, a: Assumptions, policy: Policy) -> dict:
   """{'wall_time': {weights_load_s, compile_s, steps_s, epoch_end_s, checkpoint_s, total_s,
-  non_compute_share}, 'checkpoint_bytes': {full_state, params_export}, 'wall_time_detail':
-  saves made and the epoch-end parts}."""
+  non_compute_share}, 'checkpoint_bytes': {full_state, params_export}, 'load_bytes': the
+  weights read at start-up, 'wall_time_detail': saves made and the epoch-end parts}."""
   sim = simulate(run, a, policy)
   parts = {k: sim[k] for k in ("weights_load_s", "compile_s", "steps_s", "epoch_end_s",
                                "checkpoint_s")}
@@ -206,6 +211,7 @@ def wall_time(run: Run, a: Assumptions, policy: Policy) -> dict:
       "wall_time": dict(parts, total_s=total,
                         non_compute_share=(total - parts["steps_s"]) / total if total else 0.0),
       "checkpoint_bytes": {"full_state": run.full_state_bytes, "params_export": run.export_bytes},
+      "load_bytes": run.params * a.source_bytes_per_param,
       "wall_time_detail": {k: sim[k] for k in ("saves", "dev_loss_s_per_epoch",
                                                "generations_s_per_epoch", "decode_step_s")},
   }
@@ -217,8 +223,11 @@ def _nbytes(tree) -> int:
 
 def run_of_plan(cfg, topo, trainer, *, steps_per_epoch: int, step_s: float, flops_per_s: float,
                 compile_s: float, dev_loss_flops: float, batch_ways: int, a: Assumptions) -> Run:
-  """The `Run` of a planned training run: sizes from the trainer's abstract state."""
+  """The `Run` of a planned training run: sizes from the trainer's abstract state, as the run
+  writes them (`Trainer.checkpointed`; with LoRA an export holds the adapters alone) and reads
+  them (with LoRA the frozen base, which a resumed run reads again before its checkpoint)."""
   state = trainer.abstract_state
+  trained = lora.trainable_count(state["params"]) if trainer.uses_lora else trainer.num_params
   m = trainer.model_cfg
   compute = np.dtype(m.compute_dtype)
   decode_bytes = _nbytes(jax.eval_shape(lambda p: decode_weights(p, compute), state["params"]))
@@ -226,9 +235,10 @@ def run_of_plan(cfg, topo, trainer, *, steps_per_epoch: int, step_s: float, flop
   return Run(
       hosts=topo.hosts, devices=topo.devices, host_memory=topo.host_memory,
       hbm_Bps=topo.hbm_bandwidth, steps_per_epoch=steps_per_epoch, epochs=cfg.train.epochs,
-      step_s=step_s, compile_s=compile_s, params=trainer.num_params,
-      full_state_bytes=_nbytes(state),
-      export_bytes=trainer.num_params * np.dtype(cfg.checkpoint.export_dtype).itemsize,
+      step_s=step_s, compile_s=compile_s,
+      params=trainer.num_params - (trained if trainer.uses_lora else 0),
+      full_state_bytes=_nbytes(trainer.checkpointed(state)),
+      export_bytes=trained * np.dtype(cfg.checkpoint.export_dtype).itemsize,
       dev_loss_flops=dev_loss_flops, flops_per_s=flops_per_s,
       decode_weight_bytes=decode_bytes,
       kv_bytes_per_slot=2 * m.n_layers * m.n_kv_heads * m.head_dim * compute.itemsize,

@@ -165,6 +165,64 @@ def test_cli_plans_65b_on_v5p_32_as_json():
   assert w["weights_load_s"] == pytest.approx(2 * report["params"] / (4 * 2e9))
 
 
+def test_cli_plans_65b_lora_on_a_quarter_of_the_full_fine_tunes_slice():
+  """configs/lima_65b_lora.py fits a v5p-8, where the full fine-tune (v5p-32) does not; the plan
+  counts a LoRA state: adapters and their AdamW moments in fp32 beside a bf16 base."""
+  env = dict(os.environ, XLA_FLAGS="")  # the plan sets its own device count
+  runs = {name: subprocess.run(
+      [sys.executable, "-m", "lima_jax.plan", f"--config=configs/{name}.py", "--topology=v5p-8",
+       "--num_examples=1000", "--json"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
+          for name in ("lima_65b_lora", "lima_65b")}
+  assert runs["lima_65b"].returncode == 1, runs["lima_65b"].stderr[-3000:]
+  assert "does not fit v5p-8" in runs["lima_65b"].stderr
+  assert runs["lima_65b_lora"].returncode == 0, runs["lima_65b_lora"].stderr[-3000:]
+  report = json.loads(runs["lima_65b_lora"].stdout)
+  assert report["fits"] and report["devices"] == 4
+  assert report["lora"] == {"rank": 64, "alpha": 16.0, "dropout": 0.05,
+                            "targets": ["q", "k", "v", "o", "gate", "up", "down"]}
+  # Rank 64 on the seven projections of 80 layers: 64 x (in + out) each.
+  d, f = 8192, 22016
+  adapters = 80 * 64 * (4 * 2 * d + 3 * (d + f))
+  assert report["trainable_params"] == adapters < report["params"] / 50
+  base = report["params"] - adapters
+  state = report["state_bytes_per_device"]
+  assert state["frozen_params"] == pytest.approx(2 * base / 4, rel=0.01)  # bf16 over fsdp=4
+  assert state["opt_state"] == pytest.approx(2 * state["trained_params"], rel=0.01)
+  # XLA:CPU's f32 copy of the bf16 base is found and left out of the fit.
+  assert report["cpu_upcast_bytes"] == pytest.approx(2 * state["frozen_params"], rel=0.01)
+  assert report["bytes_per_device"] < report["argument_bytes"] + report["temp_bytes"]
+  # Checkpoints hold the adapters, two fp32 moments and the step; exports the adapters; the
+  # start reads the bf16 base.
+  assert report["checkpoint_bytes"]["full_state"] == pytest.approx(12 * adapters, rel=1e-3)
+  assert report["checkpoint_bytes"]["params_export"] == 4 * adapters
+  assert report["load_bytes"] == 2 * base
+  text = plan.render(report, "configs/lima_65b_lora.py")
+  for piece in ("LoRA adapters of rank 64 (alpha 16, dropout 0.05) on q,k,v,o,gate,up,down",
+                "frozen base (bfloat16)", "15 adapter states of 9.6 GB",
+                "6 adapter exports of 3.2 GB", "of frozen base weights"):
+    assert piece in text, piece
+
+
+def test_lora_flops_leave_out_the_frozen_weights_gradients():
+  """6 FLOPs per weight and token for full fine-tuning, 4 per frozen weight and 6 per adapter
+  weight with LoRA (no weight gradient for the base); treating the base as trained fails this."""
+  full = plan.plan_run(small_lima(), topology.parse("cpu:8"), num_examples=1000)
+  cfg = small_lima()
+  cfg.lora.rank, cfg.model.param_dtype = 8, "bfloat16"
+  lora = plan.plan_run(cfg, topology.parse("cpu:8"), num_examples=1000)
+  m, tokens = full["model"], full["mean_rows_computed"] * full["max_length"]
+  attention = 12 * m["n_layers"] * m["d_model"] * full["max_length"] * tokens
+  embed = 32_128 * m["d_model"]  # the padded vocabulary's rows are not a matmul
+  matmul = full["params"] - embed
+  adapters = lora["trainable_params"]
+  assert lora["params"] == full["params"] + adapters
+  assert full["flops_per_step"] == pytest.approx(6 * matmul * tokens + attention)
+  assert lora["flops_per_step"] == pytest.approx(4 * matmul * tokens + 6 * adapters * tokens
+                                                 + attention)
+  assert lora["flops_per_step"] < full["flops_per_step"]
+
+
 def test_cli_errors_are_one_line():
   result = subprocess.run([sys.executable, "-m", "lima_jax.plan", "--topology=v5p-33"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120, check=False)
@@ -270,6 +328,7 @@ def test_the_report_prints_each_part_and_its_share():
                           "epoch_end_s": 272.0, "checkpoint_s": 211.0, "total_s": 2794.0,
                           "non_compute_share": 0.2215},
             "checkpoint_bytes": {"full_state": 783e9, "params_export": 261e9},
+            "load_bytes": 2 * 65.3e9,
             "assumptions": {"read_gb_per_s": 2.0, "write_gb_per_s": 1.0, "d2h_gb_per_s": 32.0,
                             "source_bytes_per_param": 2.0, "dev_prompts": 50, "hosts": 4},
             "wall_time_detail": {"saves": {"full_state": 8, "params_export": 6},
