@@ -197,7 +197,7 @@ def test_cli_plans_65b_lora_on_a_quarter_of_the_full_fine_tunes_slice():
   assert report["checkpoint_bytes"]["full_state"] == pytest.approx(12 * adapters, rel=1e-3)
   assert report["checkpoint_bytes"]["params_export"] == 4 * adapters
   assert report["load_bytes"] == 2 * base
-  text = plan.render(report, "configs/lima_65b_lora.py")
+  text = plan_report.render(report, "configs/lima_65b_lora.py")
   for piece in ("LoRA adapters of rank 64 (alpha 16, dropout 0.05) on q,k,v,o,gate,up,down",
                 "frozen base (bfloat16)", "15 adapter states of 9.6 GB",
                 "6 adapter exports of 3.2 GB", "of frozen base weights"):
