@@ -105,10 +105,12 @@ def _plain(value):
 class Adapter(nnx.Module):
   """The low-rank path of one projection: x [..., *inputs] -> [..., *outputs] in x's dtype.
 
-  Shapes: A [prod(inputs), rank] named (first input name, 'lora_rank'), B [rank, prod(outputs)]
-  named ('lora_rank', first output name): flattening keeps the leading (sharded) dimension
-  major, so each shard of the flattened axis is a shard of the named one. Params in fp32
-  whatever the base's dtype, the matmuls in the compute dtype.
+  Shapes: A [prod(inputs), rank], B [rank, prod(outputs)]; the flattened feature axis is named
+  'embed' when it is the model dimension, else 'lora_features' (heads x head_dim, or the FFN
+  width), which the sharding table splits over fsdp and tensor together: split over tensor
+  alone, as the base's heads / mlp axes are, those adapters would be whole on every fsdp shard
+  (about 6 GiB per chip for LLaMA-65B at rank 64). Params in fp32 whatever the base's dtype,
+  the matmuls in the compute dtype.
   """
 
   def __init__(self, target: Target, dims: dict, rank: int, alpha: float, dropout: float,
@@ -122,8 +124,8 @@ class Adapter(nnx.Module):
         fan_in, rank, math.prod(self.out_shape), dtype=compute_dtype, param_dtype=jnp.float32,
         a_initializer=nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
         lora_param_type=nnx.Param, rngs=rngs,
-        a_metadata={"out_sharding": (target.inputs[0], "lora_rank")},
-        b_metadata={"out_sharding": ("lora_rank", target.outputs[0])})
+        a_metadata={"out_sharding": (_feature_name(target.inputs[0]), "lora_rank")},
+        b_metadata={"out_sharding": ("lora_rank", _feature_name(target.outputs[0]))})
 
   def __call__(self, x, key=None):
     """key: dropout on the adapter's input (training); None: no dropout."""
@@ -133,6 +135,10 @@ class Adapter(nnx.Module):
     batch = x.shape[:x.ndim - len(self.in_shape)]
     out = self.lora(x.reshape(*batch, -1)) * jnp.asarray(self.scale, x.dtype)
     return out.reshape(*batch, *self.out_shape)
+
+
+def _feature_name(name: str) -> str:
+  return "embed" if name == "embed" else "lora_features"
 
 
 def attach(cfg, modules: dict, rngs: nnx.Rngs) -> None:

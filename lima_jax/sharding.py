@@ -32,6 +32,9 @@ LOGICAL_RULES = {
     "head_dim": None,
     "layers": None,
     "lora_rank": None,  # LoRA's rank dimension (lima_jax.lora): small, kept whole
+    # A LoRA adapter's flattened heads x head_dim or FFN axis: split over every weight-sharding
+    # axis, so adapters shard like the base does (ZeRO-3 style, gathered just in time).
+    "lora_features": ("fsdp", "tensor"),
 }
 
 # The config key a user changes when a logical dimension does not divide its mesh axis.
@@ -41,6 +44,7 @@ _CONFIG_KEY_OF = {
     "heads": "model.n_heads",
     "kv_heads": "model.n_kv_heads",
     "mlp": "model.ffn_dim",
+    "lora_features": "mesh.fsdp",
 }
 
 

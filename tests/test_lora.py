@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from helpers import ROOT, final_params, run_and_kill, train_cli, tree_hashes
-from lima_jax import config, generate, lora, run_files, select, train
+from lima_jax import config, generate, lora, run_files, select, sharding, train
 from lima_jax.errors import LimaError
 
 # A tiny LoRA run: 2 epochs of 9 steps, an interval checkpoint every 2 steps (kills land near
@@ -64,8 +64,10 @@ def test_the_first_step_sees_the_base_model_and_only_the_adapters_train(tmp_path
   batch = jax.tree.map(lambda x: x[0], batch_of(setup, 0))
 
   def forward(t, params):
+    # As the train step runs it: activations constrained on the mesh.
+    constrain = sharding.Constrainer(t.mesh)
     return jax.jit(lambda p: t.model(p)(batch["tokens"], batch["positions"],
-                                        batch["segment_ids"]))(params)
+                                        batch["segment_ids"], constrain=constrain))(params)
 
   np.testing.assert_array_equal(forward(trainer, state["params"]),
                                 forward(base_setup.trainer, base_params))
@@ -107,8 +109,9 @@ def test_a_lora_workdir_holds_adapters_alone_and_generates_with_them(reference, 
 
 
 def test_sigkill_then_rerun_ends_bit_identical_to_an_uninterrupted_lora_run(reference, tmp_path):
-  """Killed once a checkpoint exists, while the next one is being written, the rerun resumes from a checkpoint (the base reloaded, the adapters restored) and
-  ends with the adapters of the uninterrupted run."""
+  """Killed once a checkpoint exists, while the next one is being written, the rerun resumes
+  from a checkpoint (the base reloaded, the adapters restored) and ends with the adapters of the
+  uninterrupted run."""
   _, want = reference
   workdir = str(tmp_path)
   proc = train_cli(*FLAGS, f"--workdir={workdir}", "--config.train.stop_after_steps=4",

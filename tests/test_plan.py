@@ -189,6 +189,8 @@ def test_cli_plans_65b_lora_on_a_quarter_of_the_full_fine_tunes_slice():
   state = report["state_bytes_per_device"]
   assert state["frozen_params"] == pytest.approx(2 * base / 4, rel=0.01)  # bf16 over fsdp=4
   assert state["opt_state"] == pytest.approx(2 * state["trained_params"], rel=0.01)
+  # Adapters shard over fsdp like the base (none is whole on a chip): fp32 over fsdp=4.
+  assert state["trained_params"] == pytest.approx(4 * adapters / 4, rel=0.01)
   # XLA:CPU's f32 copy of the bf16 base is found and left out of the fit.
   assert report["cpu_upcast_bytes"] == pytest.approx(2 * state["frozen_params"], rel=0.01)
   assert report["bytes_per_device"] < report["argument_bytes"] + report["temp_bytes"]
