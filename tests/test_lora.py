@@ -170,3 +170,17 @@ def test_a_toy_lora_run_on_a_pretrained_toy_halves_its_train_loss(tmp_path):
   train.run(cfg, workdir)
   steps, epochs = run_files.read_metrics(workdir)
   assert epochs[-1]["loss"] < steps[0]["loss"] / 2, (steps[0]["loss"], epochs[-1]["loss"])
+
+
+@pytest.mark.parametrize("name", sorted(n for n in os.listdir(os.path.join(ROOT, "configs"))
+                                        if n.endswith(".py")))
+def test_every_preset_loads_and_the_lora_presets_freeze_a_bf16_base(name):
+  """Each config file builds, its lora section parses; the *_lora presets train adapters on a
+  bf16 base at a peak LR ten times their end LR (LIMA's decay), the others every weight."""
+  cfg = config.from_file(os.path.join(ROOT, "configs", name))
+  fields = lora.fields(cfg.lora)
+  if name.endswith("_lora.py"):
+    assert fields["lora_rank"] > 0 and cfg.model.param_dtype == "bfloat16"
+    assert cfg.optimizer.learning_rate == pytest.approx(10 * cfg.optimizer.end_learning_rate)
+  else:
+    assert fields["lora_rank"] == 0
