@@ -41,7 +41,10 @@ class RunReporter:
     for name in JSONL:
       _drop_rows_after(os.path.join(workdir, name), initial_step)
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    # TensorBoard hides what an earlier process logged from the first step this one logs on
+    # (the steps after the checkpoint it resumes from, which it logs again; all of a fresh start).
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                             purge_step=initial_step + 1 if initial_step else 0)
     self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, unit="step",
                           dynamic_ncols=True, desc="train")
 

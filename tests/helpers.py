@@ -44,6 +44,27 @@ def train_cli(*args, **popen_kwargs):
                           **popen_kwargs)
 
 
+def tensorboard_steps(workdir, tag):
+  """The steps TensorBoard shows for scalar `tag`: every event file of the run in the order
+  written, a SessionLog START at step s hiding what earlier files logged from s on."""
+  import struct  # pylint: disable=import-outside-toplevel
+  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  folder = os.path.join(workdir, "tensorboard")
+  shown = []
+  for name in sorted(os.listdir(folder), key=lambda n: os.path.getmtime(os.path.join(folder, n))):
+    with open(os.path.join(folder, name), "rb") as f:
+      data = f.read()
+    at = 0
+    while at < len(data):  # TFRecord: length, its crc, the record, its crc
+      (length,) = struct.unpack("<Q", data[at:at + 8])
+      event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+      at += 16 + length
+      if event.session_log.status == event_pb2.SessionLog.START:
+        shown = [s for s in shown if s < event.step]
+      shown += [event.step for v in event.summary.value if v.tag == tag]
+  return shown
+
+
 def checkpoint_write_in_progress(workdir):
   ckpt_dir = os.path.join(workdir, "checkpoints")
   return os.path.isdir(ckpt_dir) and any("tmp" in name for name in os.listdir(ckpt_dir))

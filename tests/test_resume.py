@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from helpers import ROOT, tree_hashes
+from helpers import ROOT, tensorboard_steps, tree_hashes
 from lima_jax import config, train
 from lima_jax.errors import LimaError
 
@@ -140,7 +140,7 @@ def test_epoch_losses_are_exact_across_mid_epoch_resumes(finished, tmp_path):
 def test_a_resume_from_an_older_checkpoint_logs_each_step_once(finished, tmp_path):
   """Steps 10-12 were logged, but their checkpoint never reached the disk (a run killed while
   writing it, or stopped by a second Ctrl-C): the rerun resumes at 9 and logs 10-12 again.
-  Before, metrics.jsonl then held those rows twice."""
+  Before, metrics.jsonl then held those rows twice, and TensorBoard showed them twice."""
   workdir = str(tmp_path)
   cfg = tiny_config()
   cfg.train.stop_after_steps = 12
@@ -151,5 +151,7 @@ def test_a_resume_from_an_older_checkpoint_logs_each_step_once(finished, tmp_pat
   cfg.train.stop_after_steps = 0
   train.run(cfg, workdir)
   assert [r["step"] for r in rows(workdir, "metrics.jsonl")] == list(range(1, 19))
+  # TensorBoard too: the rerun hides the first run's steps 10-12 (they were logged twice).
+  assert tensorboard_steps(workdir, "train/loss") == list(range(1, 19))
   assert rows(workdir, "metrics.jsonl") == rows(finished, "metrics.jsonl")
   assert rows(workdir, "epochs.jsonl") == rows(finished, "epochs.jsonl")
