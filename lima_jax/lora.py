@@ -80,13 +80,15 @@ def check_same(saved: dict, current: dict, where: str) -> None:
   off, another rank, alpha, targets or dropout) or, with LoRA, on another base. `saved` and
   `current` are checkpoint metadata (`model` fields and BASE); raises LimaError."""
   old_model, new_model = saved.get("model", {}), current["model"]
-  changed = [(f"lora.{key[len('lora_'):]}", _plain(old_model.get(key, 0 if key == "lora_rank"
-                                                                    else new_model[key])),
-              _plain(new_model[key])) for key in FIELDS]
-  if old_model.get("lora_rank", 0) == 0 and new_model["lora_rank"] == 0:
-    changed = []  # LoRA off in both: its other settings mean nothing
-  changed = [c for c in changed if c[1] != c[2]]
-  if not changed and new_model["lora_rank"]:  # the frozen base: init_from, or the seed's init
+  old_rank, new_rank = old_model.get("lora_rank", 0), new_model["lora_rank"]
+  if not (old_rank or new_rank):
+    return  # full fine-tuning both times
+  if not (old_rank and new_rank):  # LoRA turned on or off: its other settings mean nothing
+    changed = [("lora.rank", old_rank, new_rank)]
+  else:
+    changed = [(f"lora.{key[len('lora_'):]}", _plain(old_model.get(key)), _plain(new_model[key]))
+               for key in FIELDS if _plain(old_model.get(key)) != _plain(new_model[key])]
+  if not changed:  # the frozen base: init_from, or the seed's init
     old_base = saved.get(BASE) or {}
     changed = [(key, old_base.get(key), value) for key, value in current[BASE].items()
                if old_base.get(key) != value]
@@ -196,6 +198,13 @@ def join(base: dict, extra: dict) -> dict:
   return out
 
 
+def factors(params: dict, name: str) -> tuple:
+  """(A [layers, in, rank], B [layers, rank, out]) of target `name`'s adapter in a param tree
+  (or in the `adapters` of one)."""
+  pair = params["blocks"][TARGETS[name].module][PREFIX + name]["lora"]
+  return pair["lora_a"], pair["lora_b"]
+
+
 def merged(params: dict, cfg) -> dict:
   """The base params with every adapter folded in: W + (alpha / rank) A B per layer, computed
   in fp32 and stored in W's dtype. `cfg` is the LlamaConfig that built `params`. Without
@@ -206,16 +215,10 @@ def merged(params: dict, cfg) -> dict:
   blocks = {module: dict(weights) for module, weights in out["blocks"].items()}
   for name in cfg.lora_targets:
     target = TARGETS[name]
-    pair = params["blocks"][target.module][PREFIX + name]["lora"]
-    a, b = pair["lora_a"].astype(jnp.float32), pair["lora_b"].astype(jnp.float32)
+    a, b = (x.astype(jnp.float32) for x in factors(params, name))
     w = blocks[target.module][target.weight]
     update = (cfg.lora_alpha / cfg.lora_rank) * jnp.einsum("lir,lro->lio", a, b)
     blocks[target.module][target.weight] = (w.astype(jnp.float32)
                                             + update.reshape(w.shape)).astype(w.dtype)
   out["blocks"] = blocks
   return out
-
-
-def trainable_count(params) -> int:
-  """Elements of the adapters in a (possibly abstract) param tree."""
-  return sum(x.size for x in jax.tree.leaves(adapters(params)))

@@ -144,7 +144,7 @@ def plan_run(cfg, topo: topology.Topology, *, num_examples: int | None = None,
       "mesh": dict(mesh.shape), "remat": cfg.model.remat, "compute_dtype": cfg.model.compute_dtype,
       "params": trainer.num_params, "vocab_size": vocab,
       "param_dtype": cfg.model.param_dtype,
-      "trainable_params": sum(x.size for x in jax.tree.leaves(trained)),
+      "trainable_params": trainer.num_trainable,
       "lora": {"rank": model_cfg.lora_rank, "alpha": model_cfg.lora_alpha,
                "targets": list(model_cfg.lora_targets), "dropout": model_cfg.lora_dropout}
               if trainer.uses_lora else None,
@@ -277,7 +277,7 @@ def _model_flops(trainer: Trainer, rows: float, length: int, backward: bool = Tr
   cfg = trainer.model_cfg
   params = trainer.abstract_state["params"]
   matmul = trainer.num_params - (0 if cfg.tie_embeddings else params["embed"].size)
-  trained = lora.trainable_count(params) if trainer.uses_lora else matmul
+  trained = trainer.num_trainable if trainer.uses_lora else matmul
   tokens = rows * length
   weights = 2.0 * matmul * tokens
   attention = 4.0 * cfg.n_layers * cfg.d_model * length * tokens

@@ -241,7 +241,7 @@ def _train(s: Setup, cfg, workdir: str, started: float) -> dict:
     ckpts.close()
     return {}
   end = min(s.total_steps, cfg.train.stop_after_steps or s.total_steps)
-  trains = (f" ({lora.trainable_count(s.trainer.abstract_state['params']) / 1e6:.2f}M in LoRA "
+  trains = (f" ({s.trainer.num_trainable / 1e6:.2f}M in LoRA "
             f"adapters of rank {s.trainer.model_cfg.lora_rank})" if s.trainer.uses_lora else "")
   print(f"lima_jax: {s.trainer.num_params / 1e6:.2f}M params{trains}, {len(s.examples)} examples, "
         f"{s.plan.steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs = {s.total_steps} "

@@ -121,6 +121,11 @@ class Trainer:
     return sum(x.size for x in jax.tree.leaves(self.abstract_state["params"]))
 
   @property
+  def num_trainable(self) -> int:
+    """Params that train: all of them, or with LoRA the adapters' elements."""
+    return sum(x.size for x in jax.tree.leaves(self.trainable(self.abstract_state["params"])))
+
+  @property
   def uses_lora(self) -> bool:
     return self.model_cfg.lora_rank > 0
 

@@ -33,7 +33,6 @@ import dataclasses
 import jax
 import numpy as np
 
-from lima_jax import lora
 from lima_jax.decoding import decode_weights
 
 GB = 10**9
@@ -227,7 +226,7 @@ def run_of_plan(cfg, topo, trainer, *, steps_per_epoch: int, step_s: float, flop
   writes them (`Trainer.checkpointed`; with LoRA an export holds the adapters alone) and reads
   them (with LoRA the frozen base, which a resumed run reads again before its checkpoint)."""
   state = trainer.abstract_state
-  trained = lora.trainable_count(state["params"]) if trainer.uses_lora else trainer.num_params
+  trained = trainer.num_trainable
   m = trainer.model_cfg
   compute = np.dtype(m.compute_dtype)
   decode_bytes = _nbytes(jax.eval_shape(lambda p: decode_weights(p, compute), state["params"]))

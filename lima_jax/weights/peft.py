@@ -68,8 +68,7 @@ def write_dir(out_dir: str, model_cfg, adapters: dict, *, tokenizer: ChatTokeniz
   entries = []
   for target in model_cfg.lora_targets:
     spec = lora.TARGETS[target]
-    pair = host["blocks"][spec.module][lora.PREFIX + target]["lora"]
-    a, b = np.asarray(pair["lora_a"], np.float32), np.asarray(pair["lora_b"], np.float32)
+    a, b = (np.asarray(x, np.float32) for x in lora.factors(host, target))
     for layer in range(model_cfg.n_layers):
       name = f"{PREFIX}model.layers.{layer}.{spec.hf_name}"
       entries.append((f"{name}.lora_A.weight", a.shape[2:0:-1], np.float32,
