@@ -109,6 +109,11 @@ class ChatTokenizer:
       return np.asarray(self.backend.encode_with_offsets(text)[0], np.int32)
     return self._encode_lima(turns, False)[0]
 
+  @property
+  def stop_ids(self) -> tuple[int, ...]:
+    """The ids every generation path stops at, EOT first."""
+    return (self.eot_id,)
+
   def decode(self, ids) -> str:
     """Text of the tokenizer's own tokens; BOS, EOT and ids past its tokens (padding) are
     dropped."""
