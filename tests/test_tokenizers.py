@@ -153,6 +153,74 @@ def test_tiktoken_has_llama3_specials(sources):
   assert data.load_tokenizer(sources["tiktoken"]).eot_id == 556  # LIMA's rule: a new row
 
 
+def _with_config(source, path, **keys):
+  """A copy of a tokenizer directory with keys set in its tokenizer_config.json."""
+  shutil.copytree(source, path)
+  config_path = path / "tokenizer_config.json"
+  cfg = json.loads(config_path.read_text()) if config_path.exists() else {}
+  _write_json(config_path, dict(cfg, **keys))
+  return str(path)
+
+
+def test_bos_and_eos_are_what_transformers_adds_to_a_text(sources, tmp_path):
+  """In the lima format a conversation gets the tokens transformers puts around a text it
+  encodes: tokenizer_config.json's add_bos_token / add_eos_token when present, else the
+  tokenizer.json's post-processor (a named bos_token alone adds nothing: SmolLM2's case, where
+  <|im_start|> was prepended before). A prompt gets no EOS. A training run's checkpoint from
+  before this rule keeps its BOS (trained_with without a record)."""
+  from tokenizers import Tokenizer, processors  # pylint: disable=import-outside-toplevel
+  llama3_like = tmp_path / "llama3_like"  # BOS from the post-processor only, as LLaMA-3's
+  shutil.copytree(sources["bpe"], llama3_like)
+  spec = Tokenizer.from_file(str(llama3_like / "tokenizer.json"))
+  spec.post_processor = processors.TemplateProcessing(
+      single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
+  spec.save(str(llama3_like / "tokenizer.json"))
+  cases = {
+      "sp-eos": _with_config(os.path.dirname(SP_MODEL), tmp_path / "sp_eos", add_eos_token=True,
+                             bos_token="<s>", eos_token="</s>"),
+      "sp-no-bos": _with_config(sources["sp_template"], tmp_path / "sp_nobos",
+                                add_bos_token=False),
+      "bpe-named-bos": _with_config(sources["bpe"], tmp_path / "bpe_named",
+                                    bos_token="<|im_start|>"),
+      "metaspace": sources["metaspace"],
+      "llama3-like": str(llama3_like),
+  }
+  turns = conversations()[3][:2]
+  import sentencepiece as spm  # pylint: disable=import-outside-toplevel
+  sp = spm.SentencePieceProcessor(model_file=SP_MODEL)
+  references = {name: transformers.AutoTokenizer.from_pretrained(path)
+                for name, path in cases.items()}
+  # A lone tokenizer.model has no config: BOS, as Meta's LLaMA code and llama.cpp add it.
+  cases["sentencepiece"] = SP_MODEL
+  references["sentencepiece"] = lambda text, add_special_tokens=True: {
+      "input_ids": sp.encode(text, add_bos=add_special_tokens)}
+  for name, path in cases.items():
+    tok = data.load_tokenizer(path)
+    with_specials = references[name](turns[0])["input_ids"]
+    plain = references[name](turns[0], add_special_tokens=False)["input_ids"]
+    start = next(i for i in range(len(with_specials)) if with_specials[i:i + len(plain)] == plain)
+    before, after = with_specials[:start], with_specials[start + len(plain):]
+    ids, mask = tok.encode_conversation(turns, 1 << 20, False)
+    body = [i for t in turns for i in tok.backend.encode(t) + [tok.eot_id]]
+    assert ids.tolist() == before + body + after, name
+    assert mask[:len(before)].sum() == 0 and mask[len(ids) - len(after):].sum() == 0, name
+    assert tok.encode_prompt(turns[:1]).tolist() == before + body[:len(tok.backend.encode(
+        turns[0])) + 1], name
+  assert data.load_tokenizer(cases["bpe-named-bos"]).bos_id is None
+  # transformers 5 ignores add_bos_token for a byte-level tokenizer.json; llama.cpp honours it
+  # (its converter writes it as tokenizer.ggml.add_bos_token), and so do we.
+  flagged = data.load_tokenizer(_with_config(sources["bpe"], tmp_path / "bpe_add",
+                                             bos_token="<|im_start|>", add_bos_token=True))
+  assert flagged.encode_conversation(turns, 1 << 20, False)[0][0] == 1
+  legacy = data.load_tokenizer(cases["bpe-named-bos"], trained_with={"eot_id": 600})
+  assert (legacy.bos_id, legacy.eos_append_id) == (1, None)
+  assert (data.load_tokenizer(cases["sp-eos"]).meta()["bos_id"],
+          data.load_tokenizer(cases["sp-eos"]).meta()["eos_append_id"]) == (None, 2)
+  recorded = data.load_tokenizer(cases["sp-eos"], trained_with={"bos_id": 1,
+                                                                "eos_append_id": None})
+  assert (recorded.bos_id, recorded.eos_append_id) == (1, None)
+
+
 def test_directory_prefers_tokenizer_json_and_hash_covers_every_file(sources, tmp_path):
   both = tmp_path / "both"
   shutil.copytree(sources["bpe"], both)

@@ -1,7 +1,10 @@
 """Conversations as token ids and a loss mask, in one of two chat formats, on any tokenizer.
 
-  lima      (default; the paper's format) BOS if the tokenizer has one, then every utterance
-            followed by EOT, each utterance encoded on its own.
+  lima      (default; the paper's format) the tokenizer's BOS, then every utterance followed by
+            EOT, each utterance encoded on its own, then the tokenizer's EOS. BOS and EOS are what
+            the tokenizer adds to a text it encodes (add_bos_token / add_eos_token, as
+            transformers and llama.cpp honour them): SmolLM2's adds neither, LLaMA's only BOS.
+            A prompt is a conversation's beginning: no EOS.
   template  the tokenizer's own chat template (tokenizer_config.json's chat_template or
             chat_template.jinja), for a model that speaks its family's standard format.
 
@@ -48,14 +51,17 @@ class ChatTokenizer:
   Attributes: path, sha256 (of every file that defines the ids), kind (the backend),
   token_count (ids the tokenizer defines), vocab_size (rows the model needs, EOT included),
   eot_id, eot_text, adds_eot (EOT is a new row), bos_id (or None: nothing is prepended),
+  eos_append_id (or None: nothing is appended to a whole conversation in the lima format),
   chat_format, template (a ChatTemplate, for the template format).
   """
 
   def __init__(self, files, backend, *, eot_id: int, eot_text: str, adds_eot: bool,
-               vocab_size: int, chat_format: str, template: ChatTemplate | None):
+               vocab_size: int, chat_format: str, template: ChatTemplate | None,
+               framing: tuple[int | None, int | None]):
     self.files, self.backend = files, backend
     self.path, self.sha256, self.kind = files.path, files.sha256, backend.kind
-    self.token_count, self.bos_id = backend.token_count, backend.bos_id
+    self.token_count = backend.token_count
+    self.bos_id, self.eos_append_id = framing
     self.eot_id, self.eot_text, self.adds_eot = eot_id, eot_text, adds_eot
     self.vocab_size, self.chat_format, self.template = vocab_size, chat_format, template
 
@@ -71,15 +77,19 @@ class ChatTokenizer:
       ids, mask = self._encode_lima(turns, train_on_prompt)
     return ids[:max_length], mask[:max_length]
 
-  def _encode_lima(self, turns, train_on_prompt):
-    """ids = [BOS] + (turn + [EOT]) for each turn; the mask covers assistant turns (odd
-    positions in `turns`) and their EOT, or with train_on_prompt every token but BOS."""
+  def _encode_lima(self, turns, train_on_prompt, whole=True):
+    """ids = [BOS] + (turn + [EOT]) for each turn + [EOS] (BOS, EOS if the tokenizer adds
+    them; EOS only to a whole conversation, not to a prompt); the mask covers assistant turns
+    (odd positions in `turns`) and their EOT, or with train_on_prompt every token but BOS and
+    EOS."""
     head = [] if self.bos_id is None else [self.bos_id]
+    tail = [] if self.eos_append_id is None or not whole else [self.eos_append_id]
     pieces = [self.backend.encode(t) + [self.eot_id] for t in turns]
-    ids = np.array(head + [i for p in pieces for i in p], np.int32)
+    ids = np.array(head + [i for p in pieces for i in p] + tail, np.int32)
     weights = [1.0 if train_on_prompt or i % 2 else 0.0 for i in range(len(pieces))]
     mask = np.concatenate([np.zeros(len(head), np.float32)] +
-                          [np.full(len(p), w, np.float32) for p, w in zip(pieces, weights)])
+                          [np.full(len(p), w, np.float32) for p, w in zip(pieces, weights)] +
+                          [np.zeros(len(tail), np.float32)])
     if train_on_prompt and not head and len(mask):
       mask[0] = 0.0  # nothing predicts the first token
     return ids, mask
@@ -107,7 +117,7 @@ class ChatTokenizer:
     if self.chat_format == "template":
       text = self.template.render(_messages(turns), add_generation_prompt=True)
       return np.asarray(self.backend.encode_with_offsets(text)[0], np.int32)
-    return self._encode_lima(turns, False)[0]
+    return self._encode_lima(turns, False, whole=False)[0]
 
   @property
   def stop_ids(self) -> tuple[int, ...]:
@@ -136,13 +146,14 @@ class ChatTokenizer:
     """What a checkpoint records to rebuild this tokenizer (JSON-ready)."""
     return {"path": self.path, "sha256": self.sha256, "kind": self.kind,
             "eot_id": self.eot_id, "eot_token": self.eot_text, "adds_eot": self.adds_eot,
-            "chat_format": self.chat_format, "vocab_size": self.vocab_size}
+            "chat_format": self.chat_format, "vocab_size": self.vocab_size,
+            "bos_id": self.bos_id, "eos_append_id": self.eos_append_id}
 
 
 def _special_variables(files, backend) -> dict:
   names = {key: files.special_token(key) for key in _SPECIAL_KEYS}
   if backend.kind == "sentencepiece":  # transformers' LLaMA tokenizer falls back to the pieces
-    sp_ids = {"bos_token": backend.bos_id, "eos_token": backend.eos_id,
+    sp_ids = {"bos_token": backend.named_bos, "eos_token": backend.named_eos,
               "unk_token": backend.unk_id}
     for key, token in sp_ids.items():
       if names[key] is None and token is not None:
@@ -152,6 +163,7 @@ def _special_variables(files, backend) -> dict:
 
 def load_tokenizer(path: str, *, eot_token: str = "", chat_format: str = "lima",
                    source_rows: int = 0, source_eot_id: int | None = None,
+                   trained_with: dict | None = None,
                    what: str = "data.tokenizer_path") -> ChatTokenizer:
   """The tokenizer at `path` (a tokenizer.json / tokenizer.model file or a model directory),
   its EOT planned for weights with `source_rows` embedding rows (0: a random init).
@@ -159,6 +171,10 @@ def load_tokenizer(path: str, *, eot_token: str = "", chat_format: str = "lima",
   EOT: `eot_token` (an existing token's text) if given; else the row `source_eot_id` that our
   own checkpoints record; else a token named `<|eot|>`; else a new row at id
   max(token_count, source_rows). vocab_size = max(token_count, source_rows, eot_id + 1).
+  BOS and EOS are the tokenizer's own (`bos_id`, `eos_append_id` of its backend), unless
+  `trained_with`, the tokenizer record of a training run's checkpoint (`meta()`), says how its
+  params were trained: its recorded ids, or for runs before that record, BOS whenever the files
+  name one and no EOS (what lima_jax did then).
   Raises LimaError (one line, naming the file or key) for unreadable files, an unknown
   eot_token, a tokenizer with more ids than the weights have rows, or a template format
   without a template or a named EOT.
@@ -194,6 +210,10 @@ def load_tokenizer(path: str, *, eot_token: str = "", chat_format: str = "lima",
       raise LimaError(f"config data.chat_format: template, but {path} has no chat template "
                       f"({tokenizer_files.CONFIG} chat_template or {tokenizer_files.TEMPLATE})")
     template = ChatTemplate(found[0], found[1], _special_variables(files, backend))
+  framing = backend.bos_id, backend.eos_append_id
+  if trained_with is not None:
+    framing = ((trained_with["bos_id"], trained_with.get("eos_append_id"))
+               if "bos_id" in trained_with else (backend.named_bos, None))
   return ChatTokenizer(files, backend, eot_id=eot_id, eot_text=eot_text, adds_eot=adds,
                        vocab_size=max(count, source_rows, eot_id + 1), chat_format=chat_format,
-                       template=template)
+                       template=template, framing=framing)

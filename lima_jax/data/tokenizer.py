@@ -7,9 +7,19 @@
                   LLaMA-3's split pattern and its 256 special tokens after the ranks, as Meta's
                   reference tokenizer (meta-llama/llama3, llama/tokenizer.py) defines them
 
-Each backend gives: `token_count` (ids it defines, added tokens included), `bos_id` (or None),
-`token_id(text)`, `token_text(id)`, `encode(text)` (one utterance), `encode_with_offsets(text)`
-(rendered chat text, special tokens recognised) and `decode(ids)`.
+Each backend gives: `token_count` (ids it defines, added tokens included), `token_id(text)`,
+`token_text(id)`, `encode(text)` (one utterance), `encode_with_offsets(text)` (rendered chat
+text, special tokens recognised), `decode(ids)`, and:
+
+  bos_id, eos_append_id   what the tokenizer puts before and after a text it encodes with its
+                          special tokens (None: nothing), as transformers does: tokenizer_config
+                          .json's add_bos_token / add_eos_token when it has either, else what the
+                          tokenizer.json's post-processor adds (sentencepiece without either
+                          flag: BOS, as Meta's code and llama.cpp; tiktoken: BOS, as Meta's
+                          `encode(bos=True)`)
+  named_bos, named_eos    the tokens the files name BOS and EOS (None: none)
+  end_ids                 ends the tokenizer itself defines (tiktoken: the ids Meta's LLaMA-3
+                          reference stops at)
 """
 
 import hashlib
@@ -31,8 +41,21 @@ LLAMA3_SPECIALS = (
      "<|reserved_special_token_3|>", "<|start_header_id|>", "<|end_header_id|>",
      "<|reserved_special_token_4|>", "<|eot_id|>"]
     + [f"<|reserved_special_token_{i}|>" for i in range(5, 256 - 5)])
+# The specials Meta's reference generation stops at, by index: <|end_of_text|>, <|eom_id|>
+# (LLaMA-3.1's name for index 8, reserved and never emitted in 3.0), <|eot_id|>
+# (meta-llama/llama-models, models/llama3/tokenizer.py `stop_tokens`).
+LLAMA3_STOPS = (1, 8, 9)
 # A tiktoken ranks file: "<base64 token> <rank>" per line.
 _TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/=]+ [0-9]+\r?$")
+
+
+def _config_flag(files: TokenizerFiles, key: str) -> bool | None:
+  """tokenizer_config.json's add_bos_token / add_eos_token (None when absent)."""
+  value = files.json(tokenizer_files.CONFIG).get(key)
+  if value is not None and not isinstance(value, bool):
+    raise LimaError(f"{files.what}: {files.where(tokenizer_files.CONFIG)}: {key} must be true "
+                    f"or false, got {value!r}")
+  return value
 
 
 def _added_tokens(files: TokenizerFiles) -> dict[str, int]:
@@ -61,8 +84,14 @@ class SentencePiece:
     self.piece_count = self._sp.get_piece_size()
     self.added = _added_tokens(files)
     self.token_count = max([self.piece_count] + [i + 1 for i in self.added.values()])
-    self.bos_id, self.eos_id, self.unk_id = (
+    self.named_bos, self.named_eos, self.unk_id = (
         i if i >= 0 else None for i in (self._sp.bos_id(), self._sp.eos_id(), self._sp.unk_id()))
+    add_bos, add_eos = (_config_flag(files, k) for k in ("add_bos_token", "add_eos_token"))
+    if add_bos is None and add_eos is None:  # BOS, as Meta's LLaMA code and llama.cpp add it
+      add_bos = True
+    self.bos_id = self.named_bos if add_bos else None  # as transformers: both flags, else off
+    self.eos_append_id = self.named_eos if add_eos else None
+    self.end_ids = ()
     # What transformers matches as special tokens in text: control and unknown pieces, added ones.
     specials = {self._sp.id_to_piece(i) for i in range(self.piece_count)
                 if self._sp.is_control(i) or self._sp.is_unknown(i)} | set(self.added)
@@ -118,10 +147,32 @@ class HfJson:
       raise LimaError(f"{files.what}: {files.where(files.main)} is not a tokenizer.json "
                       f"({one_line(e)[:200]})") from None
     self.token_count = max(self.tokenizer.get_vocab(with_added_tokens=True).values()) + 1
-    bos = files.special_token("bos_token")
-    self.bos_id = None if bos is None else self.token_id(bos)
-    if bos is not None and self.bos_id is None:
+    bos, eos = files.special_token("bos_token"), files.special_token("eos_token")
+    self.named_bos = None if bos is None else self.token_id(bos)
+    if bos is not None and self.named_bos is None:
       raise LimaError(f"{files.what}: {files.path}: bos_token {bos!r} is not a token")
+    self.named_eos = None if eos is None else self.token_id(eos)
+    self.end_ids = ()
+    add_bos, add_eos = (_config_flag(files, k) for k in ("add_bos_token", "add_eos_token"))
+    if add_bos is None and add_eos is None:  # transformers keeps the file's post-processor
+      self.bos_id, self.eos_append_id = self._post_processor_adds(files)
+    else:  # transformers rebuilds the post-processor from the two flags
+      self.bos_id = self.named_bos if add_bos else None
+      self.eos_append_id = self.named_eos if add_eos else None
+
+  def _post_processor_adds(self, files) -> tuple[int | None, int | None]:
+    """(the id the post-processor puts before a text, the one after), found by encoding a
+    text with and without special tokens."""
+    plain = self.tokenizer.encode("a", add_special_tokens=False).ids
+    full = self.tokenizer.encode("a", add_special_tokens=True).ids
+    at = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain),
+              len(full)) if plain else len(full)
+    before, after = full[:at], full[at + len(plain):]
+    if len(before) > 1 or len(after) > 1:
+      raise LimaError(f"{files.what}: {files.where(files.main)}: its post-processor adds "
+                      f"{before} before and {after} after a text; only one BOS and one EOS "
+                      "are supported")
+    return (before[0] if before else None), (after[0] if after else None)
 
   def token_text(self, token: int) -> str:
     return self.tokenizer.id_to_token(token)
@@ -168,7 +219,10 @@ class Tiktoken:
     self.encoding = tiktoken.Encoding(name="llama3", pat_str=LLAMA3_PATTERN,
                                       mergeable_ranks=ranks, special_tokens=self.specials)
     self.token_count = len(ranks) + len(LLAMA3_SPECIALS)
-    self.bos_id = self.specials["<|begin_of_text|>"]
+    self.bos_id = self.named_bos = self.specials["<|begin_of_text|>"]
+    self.eos_append_id = None
+    self.named_eos = self.specials["<|end_of_text|>"]
+    self.end_ids = tuple(len(ranks) + i for i in LLAMA3_STOPS)
 
   def token_text(self, token: int) -> str:
     return self.encoding.decode_single_token_bytes(token).decode("utf-8", errors="replace")

@@ -34,13 +34,28 @@ _LAYER_NAMES = {
 }
 _GLOBAL_NAMES = {"embed": "token_embd.weight", "lm_head": "output.weight",
                  "final_norm.scale": "output_norm.weight"}
-# llama.cpp's pre-tokenizer splits (llama-vocab.cpp), by `tokenizer.ggml.pre`. The GPT-2 split
-# is the one `pre_tokenizers.ByteLevel(use_regex=True)` applies.
+# llama.cpp's byte-level pre-tokenizers (src/llama-vocab.cpp, `llama_vocab::impl::load` and
+# `llm_tokenizer_bpe`), by `tokenizer.ggml.pre`: (how text is split, ignore_merges: a pre-token
+# that is a whole token of the vocabulary is kept whole, add_bos's default). The splits:
+#   gpt2    the GPT-2 regex, as `pre_tokenizers.ByteLevel(use_regex=True)` applies it
+#   digits  each digit on its own (\p{N}), then the GPT-2 regex
+#   llama3  LLaMA-3's regex (its tokenizer.json's Split, and Meta's tiktoken pattern)
+# Only these are reproduced; others (llama.cpp's 'default' among them) are refused by name.
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_GPT2 = ("default", "gpt2", "mpt", "olmo")
-_DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "codeshell", "command-r")
-_LLAMA3 = ("llama-bpe", "llama3", "llama-v3", "smaug-bpe", "dbrx")
+_PRE_TOKENIZERS = {
+    **{name: ("llama3", True, True) for name in (
+        "llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+        "jina-v5-nano")},
+    **{name: ("llama3", False, False) for name in ("smaug-bpe", "dbrx")},
+    **{name: ("gpt2", False, False) for name in (
+        "gpt-2", "phi-2", "mpt", "olmo", "jina-es", "jina-de", "jina-v2-es", "jina-v2-de",
+        "gigachat", "a.x-4.0", "mellum", "modern-bert", "exaone4", "jais", "trillion",
+        "granite-docling")},
+    **{name: ("digits", False, False) for name in (
+        "starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b",
+        "mellum2")},
+}
 _CONTROL, _USER_DEFINED, _UNKNOWN = (int(gguf.TokenType.CONTROL),
                                      int(gguf.TokenType.USER_DEFINED),
                                      int(gguf.TokenType.UNKNOWN))
@@ -216,9 +231,7 @@ def build_tokenizer(source: GgufSource) -> tuple[Tokenizer, dict]:
   if len(tokens) != source.fields["vocab_size"]:
     raise LimaError(f"{source.path}: the tokenizer has {len(tokens)} tokens, but the weights a "
                     f"vocabulary of {source.fields['vocab_size']}")
-  special_ids = {name: source.value(f"tokenizer.ggml.{key}_token_id")
-                 for name, key in (("bos_token", "bos"), ("eos_token", "eos"),
-                                   ("unk_token", "unknown"), ("pad_token", "padding"))}
+  special_ids = special_token_ids(source, kind, len(tokens))
   if kind == "gpt2":
     tokenizer = _byte_level(source, vocab)
   elif kind == "llama":
@@ -232,20 +245,24 @@ def build_tokenizer(source: GgufSource) -> tuple[Tokenizer, dict]:
   user = [i for i, t in enumerate(types) if t == _USER_DEFINED]
   tokenizer.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in user])
 
-  add_bos = bool(source.value("tokenizer.ggml.add_bos_token", kind == "llama"))
-  bos_id = special_ids["bos_token"]
+  add_bos, add_eos = _adds_bos_eos(source, kind, special_ids)
   steps = [processors.ByteLevel(trim_offsets=False)] if kind == "gpt2" else []
-  if add_bos and bos_id is not None:
-    bos = tokens[bos_id]
-    steps.append(processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                               special_tokens=[(bos, bos_id)]))
+  if add_bos or add_eos:  # what llama.cpp puts around a text it tokenizes with add_special
+    bos, eos = (tokens[special_ids[k]] if add else "" for k, add in (("bos_token", add_bos),
+                                                                      ("eos_token", add_eos)))
+    single = " ".join(t for t in (bos, "$A", eos) if t)
+    pair = " ".join(t for t in (bos, "$A", eos, bos, "$B:1", eos) if t)
+    steps.append(processors.TemplateProcessing(
+        single=single, pair=pair,
+        special_tokens=sorted({(tokens[special_ids[k]], special_ids[k])
+                               for k, add in (("bos_token", add_bos), ("eos_token", add_eos))
+                               if add})))
   if steps:
     tokenizer.post_processor = processors.Sequence(steps)
 
   config = {name: tokens[i] for name, i in special_ids.items() if i is not None}
   config.update(
-      tokenizer_class="PreTrainedTokenizerFast", add_bos_token=add_bos,
-      add_eos_token=bool(source.value("tokenizer.ggml.add_eos_token", False)),
+      tokenizer_class="PreTrainedTokenizerFast", add_bos_token=add_bos, add_eos_token=add_eos,
       model_max_length=source.extras["max_position_embeddings"], clean_up_tokenization_spaces=False,
       added_tokens_decoder={str(i): {"content": tokens[i], "special": types[i] != _USER_DEFINED,
                                      "lstrip": False, "rstrip": False, "normalized": False,
@@ -256,27 +273,60 @@ def build_tokenizer(source: GgufSource) -> tuple[Tokenizer, dict]:
   return tokenizer, config
 
 
+def special_token_ids(source: GgufSource, kind: str, count: int) -> dict:
+  """{bos_token, eos_token, unk_token, pad_token: id or None} from tokenizer.ggml.*_token_id;
+  a sentencepiece vocabulary falls back to LLaMA's 1, 2 and 0 as llama.cpp does; an id past
+  the vocabulary is none, as llama.cpp ignores it."""
+  defaults = {"bos": 1, "eos": 2, "unknown": 0} if kind == "llama" else {}
+  ids = {}
+  for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"),
+                    ("pad_token", "padding")):
+    value = source.value(f"tokenizer.ggml.{key}_token_id", defaults.get(key))
+    ids[name] = int(value) if value is not None and 0 <= int(value) < count else None
+  return ids
+
+
+def _adds_bos_eos(source: GgufSource, kind: str, special_ids: dict) -> tuple[bool, bool]:
+  """(add_bos, add_eos) as llama.cpp reads them: tokenizer.ggml.add_bos_token /
+  add_eos_token, else its defaults (BOS on for sentencepiece and the LLaMA-3 pre-tokenizers,
+  EOS off). Raises LimaError for a flag whose token id is not set, as llama.cpp refuses it."""
+  pre = source.value("tokenizer.ggml.pre", "")
+  default_bos = kind == "llama" or _PRE_TOKENIZERS.get(pre, ("", False, False))[2]
+  adds = []
+  for key, name, default in (("bos", "bos_token", default_bos), ("eos", "eos_token", False)):
+    add = bool(source.value(f"tokenizer.ggml.add_{key}_token", default))
+    if add and special_ids[name] is None:
+      raise LimaError(f"{source.path}: tokenizer.ggml.add_{key}_token is true, but "
+                      f"tokenizer.ggml.{key}_token_id is not set")
+    adds.append(add)
+  return adds[0], adds[1]
+
+
 def _byte_level(source: GgufSource, vocab: dict) -> Tokenizer:
   merges = source.value("tokenizer.ggml.merges")
   if not merges:
     raise LimaError(f"{source.path}: a byte-level BPE tokenizer needs tokenizer.ggml.merges")
+  pre = source.value("tokenizer.ggml.pre")
+  if pre is None:
+    raise LimaError(f"{source.path}: tokenizer.ggml.pre is missing (llama.cpp then splits text "
+                    "by its 'default' rules and warns that generation quality degrades); "
+                    "convert the model again with a current llama.cpp")
+  if pre not in _PRE_TOKENIZERS:
+    raise LimaError(f"{source.path}: tokenizer.ggml.pre={pre!r} is not supported (known: "
+                    f"{', '.join(sorted(_PRE_TOKENIZERS))})")
+  split, ignore_merges, _ = _PRE_TOKENIZERS[pre]
   tokenizer = Tokenizer(models.BPE(vocab, [tuple(m.split(" ", 1)) for m in merges],
                                    ignore_merges=False))
-  pre = source.value("tokenizer.ggml.pre", "default")
   byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-  if pre in _GPT2:
+  if split == "gpt2":
     tokenizer.pre_tokenizer = byte_level
-  elif pre in _DIGITS_THEN_GPT2:
+  elif split == "digits":
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), byte_level])
-  elif pre in _LLAMA3:
+  else:
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
          pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-  else:
-    known = sorted(_GPT2 + _DIGITS_THEN_GPT2 + _LLAMA3)
-    raise LimaError(f"{source.path}: tokenizer.ggml.pre={pre!r} is not supported (known: "
-                    f"{', '.join(known)})")
   tokenizer.decoder = decoders.ByteLevel()
   return tokenizer
 

@@ -47,10 +47,14 @@ def _new_tokens(tok: ChatTokenizer) -> dict[int, str]:
 
 
 def lima_template(tok: ChatTokenizer) -> str:
-  """The lima format as a chat template: BOS, then each message's content followed by EOT."""
+  """The lima format as a chat template: BOS, then each message's content followed by EOT, then
+  EOS (BOS and EOS if the tokenizer adds them; no EOS after a generation prompt)."""
   bos = "" if tok.bos_id is None else "{{ " + json.dumps(tok.token_text(tok.bos_id)) + " }}"
+  eos = "" if tok.eos_append_id is None else (
+      "{% if not add_generation_prompt %}{{ " + json.dumps(tok.token_text(tok.eos_append_id))
+      + " }}{% endif %}")
   return (bos + "{% for message in messages %}{{ message['content'] }}{{ "
-          + json.dumps(tok.eot_text) + " }}{% endfor %}")
+          + json.dumps(tok.eot_text) + " }}{% endfor %}" + eos)
 
 
 def write(out_dir: str, tok: ChatTokenizer) -> None:
@@ -65,7 +69,8 @@ def write(out_dir: str, tok: ChatTokenizer) -> None:
     added = dict(config.get("added_tokens_decoder", {}))
     added.update({str(i): _added(name) for i, name in new.items()})
     config.update(tokenizer_class="LlamaTokenizer", legacy=True, add_prefix_space=True,
-                  add_bos_token=tok.bos_id is not None, add_eos_token=False,
+                  add_bos_token=tok.bos_id is not None,
+                  add_eos_token=tok.eos_append_id is not None,
                   added_tokens_decoder=added)
   else:
     _write_tokenizer_json(out_dir, tok, new)

@@ -102,6 +102,8 @@ class OrbaxParams:
     else:
       self.tokenizer_path = self._recorded.get("path") or data_cfg.get("tokenizer_path")
     self.eot_id = self._recorded["eot_id"]
+    # BOS/EOS as the params were trained; an import before that record: as its files say.
+    self._trained = "bos_id" in self._recorded or saved.get("format") != FORMAT
     self._ckpt_dir = ckpt_dir
     self._state_dir = os.path.join(ckpt_dir, str(step), "state")
     self._shapes = None
@@ -116,6 +118,7 @@ class OrbaxParams:
     tokenizer = data.load_tokenizer(
         path, eot_token=eot_token or "", chat_format=chat_format or self._recorded["chat_format"],
         source_rows=self.fields["vocab_size"], source_eot_id=None if eot_token else self.eot_id,
+        trained_with=self._recorded if self._trained else None,
         what="init_from" if path == self.tokenizer_path else "data.tokenizer_path")
     if self.tokenizer_sha256 and tokenizer.sha256 != self.tokenizer_sha256:
       raise LimaError(f"{path}: differs from the tokenizer {self.path} was saved with")
