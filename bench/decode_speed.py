@@ -55,7 +55,7 @@ def main():
   trainer = Trainer(cfg, optax.identity(), optax.constant_schedule(0.0), mesh, 0)
   params = trainer.init(0)["params"]
   # The EOT id is a padding id past the vocabulary: never chosen, so every row runs to --new.
-  generator = Generator(trainer, eot_id=cfg.vocab_size, batch_size=args.batch)
+  generator = Generator(trainer, stop_ids=cfg.vocab_size, batch_size=args.batch)
   rng = np.random.default_rng(0)
   prompts = [rng.integers(0, args.vocab - 1, args.prompt).astype(np.int32)
              for _ in range(args.batch)]

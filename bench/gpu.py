@@ -140,7 +140,7 @@ def decode_figures(trainer: Trainer, size: dict, params) -> dict:
   out = {}
   for batch in (1, 16):
     # The EOT id is a vocabulary-padding id, never sampled: every row runs all `new` tokens.
-    generator = Generator(trainer, eot_id=trainer.model_cfg.vocab_size, batch_size=batch)
+    generator = Generator(trainer, stop_ids=trainer.model_cfg.vocab_size, batch_size=batch)
     prompts = [rng.integers(0, size["vocab"] - 1, size["prompt"]).astype(np.int32)
                for _ in range(batch)]
     kwargs = dict(max_new=size["new"], context=size["prompt"] + size["new"] + 1,

@@ -2,8 +2,9 @@
 
 A batch of prompts is left-padded to one static length, so every row writes its next token to
 the same cache slot; each row keeps its own positions and a mask of the slots it really holds.
-The whole generation (prefill, the decode loop, stopping at EOT) is one jitted function on the
-training mesh, compiled once per (batch, prompt bucket, max_new, greedy).
+The whole generation (prefill, the decode loop, stopping at any of the stop ids:
+`ChatTokenizer.stop_ids`, EOT and the model's own end ids) is one jitted function on the training
+mesh, compiled once per (batch, prompt bucket, max_new, greedy).
 
 Decoding follows LIMA: CTRL's repetition penalty on every token generated so far (the paper's
 "previously generated tokens"; with penalize_prompt, on the prompt's tokens too, as
@@ -94,13 +95,15 @@ def next_tokens(logits, seen, keys, step, settings: dict, greedy: bool):
 
 
 def sample_loop(step_fn: Callable, state, logits, prompt, real, limits, row_ids, settings, *,
-                max_new: int, greedy: bool, eot_id: int):
+                max_new: int, greedy: bool, stop_ids: Sequence[int]):
   """The decode loop shared by the cached and the full-forward paths.
 
   logits [B, V]: the prediction after each prompt; step_fn(state, tokens, i) feeds the tokens
-  chosen at step i - 1 and returns the next logits and state. A row stops after EOT or after
-  limits[row] tokens. Returns [B, max_new] ids, -1 after a row's end, and the steps taken.
+  chosen at step i - 1 and returns the next logits and state. A row stops after any of
+  `stop_ids` or after limits[row] tokens. Returns [B, max_new] ids, -1 after a row's end, and
+  the steps taken.
   """
+  stops = jnp.asarray(stop_ids, jnp.int32)
   batch, vocab = logits.shape
   seen = prompt_seen(prompt, real, vocab, settings)
   keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(settings["seed"]), r))(row_ids)
@@ -108,7 +111,7 @@ def sample_loop(step_fn: Callable, state, logits, prompt, real, limits, row_ids,
   def emit(i, logits, seen, out, done):
     tokens = jnp.where(done, -1, next_tokens(logits, seen, keys, i, settings, greedy))
     seen = seen | jax.nn.one_hot(tokens, vocab, dtype=jnp.bool_)  # -1 adds nothing
-    done = done | (tokens == eot_id) | (i + 1 >= limits)
+    done = done | jnp.isin(tokens, stops) | (i + 1 >= limits)
     return tokens, seen, out.at[:, i].set(tokens), done
 
   out = jnp.full((batch, max_new), -1, jnp.int32)
@@ -142,8 +145,10 @@ def decode_weights(params, compute_dtype):
 class Generator:
   """Batched generation for one model on the training mesh (a `Trainer`'s graphdef and mesh)."""
 
-  def __init__(self, trainer, eot_id: int, batch_size: int):
-    self.graphdef, self.mesh, self.eot_id = trainer.graphdef, trainer.mesh, eot_id
+  def __init__(self, trainer, stop_ids: int | Sequence[int], batch_size: int):
+    """stop_ids: the ids a row stops at (`ChatTokenizer.stop_ids`; one id is taken too)."""
+    self.graphdef, self.mesh = trainer.graphdef, trainer.mesh
+    self.stop_ids = tuple(int(i) for i in np.atleast_1d(stop_ids))
     self.compute_dtype = jnp.dtype(trainer.model_cfg.compute_dtype)
     ways = sharding.batch_ways(self.mesh)
     self.batch_size = -(-batch_size // ways) * ways  # whole rows on every batch shard
@@ -158,9 +163,9 @@ class Generator:
   def generate(self, params, prompts: Sequence[np.ndarray], *, max_new: int, context: int,
                decoding: Decoding, on_batch: Callable[[int], None] | None = None,
                use_cache: bool = True) -> list[np.ndarray]:
-    """Generated ids per prompt, ending with EOT when the model stopped by itself.
+    """Generated ids per prompt, ending with the stop id when the model stopped by itself.
 
-    A row stops at EOT, after max_new tokens, or when prompt + generation fill `context`
+    A row stops at a stop id, after max_new tokens, or when prompt + generation fill `context`
     (every prompt must be shorter than it). use_cache=False recomputes the whole prefix for
     every token: the reference the cache is checked and benchmarked against.
     """
@@ -215,7 +220,8 @@ class Generator:
       return logits[:, 0], cache
 
     return sample_loop(step, cache, logits[:, -1], tokens, slot_valid[:, :prompt_len], limits,
-                       row_ids, settings, max_new=max_new, greedy=greedy, eot_id=self.eot_id)
+                       row_ids, settings, max_new=max_new, greedy=greedy,
+                       stop_ids=self.stop_ids)
 
   def _generate_by_full_forward(self, params, tokens, lengths, limits, row_ids, settings, *,
                                 max_new, greedy):
@@ -238,4 +244,4 @@ class Generator:
     buffer = jnp.pad(tokens, ((0, 0), (0, max_new)))
     real = slots[None, :prompt_len] < lengths[:, None]
     return sample_loop(step, buffer, logits_at(buffer, lengths), tokens, real, limits, row_ids,
-                       settings, max_new=max_new, greedy=greedy, eot_id=self.eot_id)
+                       settings, max_new=max_new, greedy=greedy, stop_ids=self.stop_ids)

@@ -1,6 +1,6 @@
 """`python -m lima_jax.generate`: answers to a prompts file from a run's params, decoded as in
 the paper (nucleus 0.9, temperature 0.7, repetition penalty 1.2 on the generated tokens, stop
-at EOT).
+at EOT or at one of the model's own end ids: `ChatTokenizer.stop_ids`).
 
   python -m lima_jax.generate --workdir=workdir/toy --epoch=5 \
       --prompts=lima_jax/sample_data/dev.jsonl --out=answers.jsonl
@@ -44,7 +44,7 @@ class EpochGenerations:
                                   data_dir=prepared_dir(workdir, cfg.data.cache_dir),
                                   what="data.dev_path",
                                   skip_long=True)
-    self.generator = Generator(trainer, tokenizer.eot_id, cfg.generate.batch_size)
+    self.generator = Generator(trainer, tokenizer.stop_ids, cfg.generate.batch_size)
     self._trainable = trainer.trainable  # with LoRA only the adapters are exported
     # Full checkpoints are not kept per epoch (nor always written at one), so each selection
     # epoch's params are exported on their own: a quarter of the full state's bytes in fp32.
@@ -184,7 +184,7 @@ def _generate(args) -> None:
   prompts = load_prompts(args.prompts, tokenizer, context=context, what="--prompts",
                          data_dir=prepared_dir(args.workdir))
   trainer, params = restore_kept(kept, source)
-  generator = Generator(trainer, tokenizer.eot_id, section["batch_size"])
+  generator = Generator(trainer, tokenizer.stop_ids, section["batch_size"])
   with tqdm.tqdm(total=len(prompts), unit="prompt", desc="generate", dynamic_ncols=True) as bar:
     ids = generator.generate(params, [p.ids for p in prompts], max_new=section["max_tokens"],
                              context=context, decoding=Decoding.from_config(section),

@@ -156,7 +156,8 @@ def test_round_trip_is_bit_identical_and_loads_in_transformers(tmp_path):
   np.testing.assert_allclose(logits_a[..., :PIECES + 1], hf_logits(exported, tokens),
                              atol=1e-4, rtol=0)
   tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf2"))
-  assert tok.eos_token_id == PIECES and exported.generation_config.eos_token_id == PIECES
+  assert tok.eos_token_id == PIECES  # EOT; generation also stops at the source's </s> (2)
+  assert exported.generation_config.eos_token_id == [PIECES, 2]
 
 
 def _train_config(init_from, **model):

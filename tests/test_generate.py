@@ -83,6 +83,15 @@ def test_generation_stops_at_eot(model, generator):
     want = ids[:ids.index(eot) + 1] if eot in ids else ids
     assert got.tolist() == want
   assert stopped[0][-1] == eot and len(stopped[0]) < 12
+  # Several stop ids (EOT and a model's own end ids): each row stops at the first of any.
+  other = next(t for t in free[1].tolist() if t != eot)
+  either = run(Generator(trainer, (-1, eot, other), batch_size=4), params, batch,
+               max_new=12)
+  for got, ids in zip(either, free):
+    ids = ids.tolist()
+    ends = [i for i, t in enumerate(ids) if t in (eot, other)]
+    assert got.tolist() == (ids[:ends[0] + 1] if ends else ids)
+  assert either[1][-1] == other and len(either[1]) < 12
 
 
 def test_prompt_and_answer_stay_within_the_context(model, generator):

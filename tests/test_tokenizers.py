@@ -151,6 +151,8 @@ def test_tiktoken_has_llama3_specials(sources):
   ids, _ = tok.encode_conversation(turns, 10_000, False)
   assert tok.decode(ids) == "".join(turns)
   assert data.load_tokenizer(sources["tiktoken"]).eot_id == 556  # LIMA's rule: a new row
+  assert tok.stop_ids == (309, 301, 308)  # and Meta's: <|end_of_text|>, <|eom_id|> (3.1)
+  assert tok.decode([1, 2, 301]) == tok.decode([1, 2])  # an end id is no text
 
 
 def _with_config(source, path, **keys):
@@ -368,7 +370,8 @@ def test_meta_llama3_tiktoken_import_and_export(sources, tmp_path):
     assert _chat_ids(tmp_path / "out", turns) == tok.encode_conversation(turns, 1 << 20,
                                                                          False)[0].tolist()
   generation = transformers.GenerationConfig.from_pretrained(str(tmp_path / "out"))
-  assert (generation.eos_token_id, generation.bos_token_id) == (309, 300)
+  # EOT, then the ends Meta's reference stops at: <|end_of_text|>, <|eom_id|> (3.1's name).
+  assert (generation.eos_token_id, generation.bos_token_id) == ([309, 301, 308], 300)
 
   # Training from the Meta directory itself: its first-step loss is transformers' on the ids.
   from lima_jax import train  # pylint: disable=import-outside-toplevel
@@ -470,8 +473,9 @@ def test_first_step_loss_matches_transformers(sources, tmp_path, chat_format):
   assert convert.main(["orbax-to-hf", str(workdir), str(out)]) == 0
   for turns, (ids, _) in zip(chosen, examples):
     assert _chat_ids(out, turns) == ids
-  eot = count if chat_format == "lima" else 2
-  assert transformers.GenerationConfig.from_pretrained(str(out)).eos_token_id == eot
+  # EOT, then the tokenizer's eos_token (<|im_end|>, id 2), once.
+  stops = [count, 2] if chat_format == "lima" else 2
+  assert transformers.GenerationConfig.from_pretrained(str(out)).eos_token_id == stops
 
 
 def test_run_config_errors_name_the_key(tmp_path):

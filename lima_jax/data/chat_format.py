@@ -15,6 +15,11 @@ mean of the others. `data.eot_token` names an existing special token to use inst
 names our EOT (`<|eot|>`, as our exports do) keeps it. EOT is found by name, never by counting
 rows: a padding row (an HF `<pad>`) stays padding.
 
+Stop ids (`ChatTokenizer.stop_ids`): EOT, then the model's own end ids, which every generation
+path stops at too: the tokenizer's eos_token, generation_config.json's eos_token_id (LLaMA-3.x
+lists <|end_of_text|>, <|eom_id|>, <|eot_id|>; a GGUF import writes its eos, eot and eom ids
+there) and, for Meta's LLaMA-3 tiktoken files, the specials Meta's generation stops at.
+
 Loss mask: the assistant utterances and their EOT (the template format: what each assistant
 message adds to the text, up to and including its EOT token); with train_on_prompt every token
 but the first.
@@ -52,7 +57,8 @@ class ChatTokenizer:
   token_count (ids the tokenizer defines), vocab_size (rows the model needs, EOT included),
   eot_id, eot_text, adds_eot (EOT is a new row), bos_id (or None: nothing is prepended),
   eos_append_id (or None: nothing is appended to a whole conversation in the lima format),
-  chat_format, template (a ChatTemplate, for the template format).
+  end_ids (the model's own end ids besides EOT), chat_format, template (a ChatTemplate, for the
+  template format).
   """
 
   def __init__(self, files, backend, *, eot_id: int, eot_text: str, adds_eot: bool,
@@ -62,6 +68,12 @@ class ChatTokenizer:
     self.path, self.sha256, self.kind = files.path, files.sha256, backend.kind
     self.token_count = backend.token_count
     self.bos_id, self.eos_append_id = framing
+    ends = [backend.named_eos] + files.end_ids() + list(backend.end_ids)
+    for token in ends:
+      if token is not None and token >= self.token_count:
+        raise LimaError(f"{files.what}: {files.path}: end id {token} (eos_token_id) is not one "
+                        f"of the tokenizer's {self.token_count} ids")
+    self.end_ids = tuple(dict.fromkeys(t for t in ends if t is not None and t != eot_id))
     self.eot_id, self.eot_text, self.adds_eot = eot_id, eot_text, adds_eot
     self.vocab_size, self.chat_format, self.template = vocab_size, chat_format, template
 
@@ -121,14 +133,15 @@ class ChatTokenizer:
 
   @property
   def stop_ids(self) -> tuple[int, ...]:
-    """The ids every generation path stops at, EOT first."""
-    return (self.eot_id,)
+    """The ids every generation path stops at: EOT first, then the model's own end ids."""
+    return (self.eot_id,) + self.end_ids
 
   def decode(self, ids) -> str:
-    """Text of the tokenizer's own tokens; BOS, EOT and ids past its tokens (padding) are
-    dropped."""
+    """Text of the tokenizer's own tokens; BOS, the stop ids and ids past its tokens (padding)
+    are dropped."""
     ids = np.asarray(ids, np.int64).reshape(-1)
-    kept = ids[(ids >= 0) & (ids < self.token_count) & (ids != self.eot_id) & (ids != self.bos_id)]
+    dropped = np.isin(ids, list(self.stop_ids) + ([] if self.bos_id is None else [self.bos_id]))
+    kept = ids[(ids >= 0) & (ids < self.token_count) & ~dropped]
     return self.backend.decode(kept.tolist())
 
   def token_text(self, token: int) -> str:
@@ -147,7 +160,8 @@ class ChatTokenizer:
     return {"path": self.path, "sha256": self.sha256, "kind": self.kind,
             "eot_id": self.eot_id, "eot_token": self.eot_text, "adds_eot": self.adds_eot,
             "chat_format": self.chat_format, "vocab_size": self.vocab_size,
-            "bos_id": self.bos_id, "eos_append_id": self.eos_append_id}
+            "bos_id": self.bos_id, "eos_append_id": self.eos_append_id,
+            "stop_ids": list(self.stop_ids)}
 
 
 def _special_variables(files, backend) -> dict:

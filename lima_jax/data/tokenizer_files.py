@@ -5,6 +5,9 @@ The vocabulary lives in `tokenizer.json` (Hugging Face `tokenizers`) or `tokeniz
 through tokenizer.json. The companion files beside it (tokenizer_config.json,
 special_tokens_map.json, chat_template.jinja) name BOS and the special tokens and hold the chat
 template, so they are part of the tokenizer: copied with it and covered by its hash.
+generation_config.json, where the model's directory has one, names the model's end ids
+(`eos_token_id`, one id or a list): copied with the tokenizer so that every generation stops at
+them, but not hashed (it changes no id, and hashes recorded before it was read stay valid).
 """
 
 import dataclasses
@@ -21,7 +24,9 @@ MAIN_FILES = (JSON, MODEL)  # in order of preference within a directory
 CONFIG = "tokenizer_config.json"
 SPECIAL_MAP = "special_tokens_map.json"
 TEMPLATE = "chat_template.jinja"
-COMPANIONS = (CONFIG, SPECIAL_MAP, TEMPLATE)
+GENERATION = "generation_config.json"
+COMPANIONS = (CONFIG, SPECIAL_MAP, TEMPLATE, GENERATION)
+_UNHASHED = (GENERATION,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,10 +41,11 @@ class TokenizerFiles:
   def sha256(self) -> str:
     """sha256 of the main file alone (what a lone tokenizer.model always hashed to), or of every
     file's name and hash when companions are present."""
-    if len(self.blobs) == 1:
+    hashed = {k: v for k, v in self.blobs.items() if k not in _UNHASHED}
+    if len(hashed) == 1:
       return hashlib.sha256(self.blobs[self.main]).hexdigest()
     lines = "".join(f"{name}\0{hashlib.sha256(blob).hexdigest()}\n"
-                    for name, blob in sorted(self.blobs.items()))
+                    for name, blob in sorted(hashed.items()))
     return hashlib.sha256(lines.encode()).hexdigest()
 
   def where(self, name: str) -> str:
@@ -68,6 +74,16 @@ class TokenizerFiles:
       if isinstance(value, str):
         return value
     return None
+
+  def end_ids(self) -> list[int]:
+    """generation_config.json's eos_token_id as a list ([] when absent). Raises LimaError for a
+    value that is not an id or a list of ids."""
+    value = self.json(GENERATION).get("eos_token_id")
+    ids = [] if value is None else value if isinstance(value, list) else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+      raise LimaError(f"{self.what}: {self.where(GENERATION)}: eos_token_id must be a token id "
+                      f"or a list of them, got {value!r}")
+    return ids
 
   def chat_template(self) -> tuple[str, str] | None:
     """(template source, the file it came from): chat_template.jinja wins over the config's

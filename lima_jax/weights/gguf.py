@@ -8,7 +8,8 @@ rotate-half rows); they are read back through `layout.from_interleaved`, as Meta
 
 The tokenizer lives in the file's metadata (`tokenizer.ggml.*`); `write_tokenizer` rebuilds it
 with the `tokenizers` library as an HF `tokenizer.json` + `tokenizer_config.json` (chat template,
-special tokens): byte-level BPE (`gpt2`: SmolLM, LLaMA-3) or sentencepiece BPE (`llama`:
+special tokens, add_bos_token / add_eos_token) + `generation_config.json` (the end ids):
+byte-level BPE (`gpt2`: SmolLM, LLaMA-3) or sentencepiece BPE (`llama`:
 LLaMA-1/2), each split as llama.cpp splits it.
 """
 
@@ -27,6 +28,7 @@ from lima_jax.weights import layout
 ARCH = "llama"
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
+GENERATION_CONFIG = "generation_config.json"
 _LAYER_NAMES = {
     "attn.wq": "attn_q", "attn.wk": "attn_k", "attn.wv": "attn_v", "attn.wo": "attn_output",
     "attn_norm.scale": "attn_norm", "mlp.gate": "ffn_gate", "mlp.up": "ffn_up",
@@ -186,16 +188,26 @@ class GgufSource:
                       "--eot-token")
     return tokens.contents(eos)
 
+  def end_ids(self) -> list[int]:
+    """The file's end ids: tokenizer.ggml.eos_token_id, eot_token_id and eom_token_id (those
+    set and inside the vocabulary, as llama.cpp keeps them), in that order."""
+    count = len(self.value("tokenizer.ggml.tokens") or [])
+    ids = (self.value(f"tokenizer.ggml.{key}_token_id") for key in ("eos", "eot", "eom"))
+    return list(dict.fromkeys(int(i) for i in ids if i is not None and 0 <= int(i) < count))
+
   def write_tokenizer(self, out_dir: str) -> str:
-    """Writes tokenizer.json and tokenizer_config.json into out_dir; returns tokenizer.json's
-    path. Raises LimaError for a tokenizer type or pre-tokenizer this module does not know."""
+    """Writes tokenizer.json, tokenizer_config.json and generation_config.json (the end ids)
+    into out_dir; returns tokenizer.json's path. Raises LimaError for a tokenizer type or
+    pre-tokenizer this module does not know."""
     tokenizer, config = build_tokenizer(self)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, TOKENIZER_JSON)
     tokenizer.save(path)
-    with open(os.path.join(out_dir, TOKENIZER_CONFIG), "w", encoding="utf-8") as f:
-      json.dump(config, f, indent=2, sort_keys=True, ensure_ascii=False)
-      f.write("\n")
+    for name, content in ((TOKENIZER_CONFIG, config),
+                          (GENERATION_CONFIG, {"eos_token_id": self.end_ids()})):
+      with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
+        json.dump(content, f, indent=2, sort_keys=True, ensure_ascii=False)
+        f.write("\n")
     return path
 
   def linear(self, name: str, layer: int | None = None) -> np.ndarray:

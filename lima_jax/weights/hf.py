@@ -3,7 +3,8 @@
 Reading checks everything the config promises before any weight moves: the architecture, that
 every tensor is present, and each tensor's shape. Writing produces what
 `transformers.AutoModelForCausalLM.from_pretrained` loads, with the tokenizer and EOT as an added
-special token that generation stops on.
+special token; generation stops on it and on the model's own end ids (`eos_token_id`: the
+tokenizer's `stop_ids`, EOT first).
 """
 
 import json
@@ -177,7 +178,9 @@ def write_dir(out_dir: str, fields: dict, fetch, *, tokenizer: ChatTokenizer,
               extras: dict, dtype, shard_bytes: int = 5 << 30) -> list[str]:
   """Writes an HF directory from our params; fetch(dotted param name) -> host array, called once
   per param. The tokenizer and its chat template reproduce training's ids in transformers
-  (hf_tokenizer); generation stops on EOT. Returns the safetensors files written."""
+  (hf_tokenizer); generation stops on EOT and the model's own end ids (config.json's and
+  generation_config.json's eos_token_id: `tokenizer.stop_ids`, EOT first; one id alone is
+  written as a number). Returns the safetensors files written."""
   shapes = layout.linear_shapes(fields)
   vocab = fields["vocab_size"]
   entries, cached = [], {}
@@ -218,7 +221,7 @@ def write_dir(out_dir: str, fields: dict, fetch, *, tokenizer: ChatTokenizer,
   if len(groups) > 1:
     _write_json(os.path.join(out_dir, INDEX),
                 {"metadata": {"total_size": total}, "weight_map": weight_map})
-  _write_config(out_dir, fields, dict(extras, bos_token_id=tokenizer.bos_id), tokenizer.eot_id,
+  _write_config(out_dir, fields, dict(extras, bos_token_id=tokenizer.bos_id), tokenizer.stop_ids,
                 dtype)
   hf_tokenizer.write(out_dir, tokenizer)
   return [os.path.join(out_dir, n) for n in names]
@@ -230,9 +233,10 @@ def _write_json(path: str, obj: dict) -> None:
     f.write("\n")
 
 
-def _write_config(out_dir, fields, extras, eot_id, dtype) -> None:
+def _write_config(out_dir, fields, extras, stop_ids, dtype) -> None:
   theta = fields["rope_theta"]
   bos = extras.get("bos_token_id", 1)
+  eos = stop_ids[0] if len(stop_ids) == 1 else list(stop_ids)
   _write_json(os.path.join(out_dir, CONFIG), {
       "architectures": [_ARCH], "model_type": "llama", "hidden_act": "silu",
       "attention_bias": False, "mlp_bias": False,
@@ -246,8 +250,8 @@ def _write_config(out_dir, fields, extras, eot_id, dtype) -> None:
       "rope_scaling": None if fields["rope_scaling_type"] == "default" else _rope_config(fields),
       "tie_word_embeddings": fields["tie_embeddings"],
       "max_position_embeddings": extras.get("max_position_embeddings", 2048),
-      "bos_token_id": bos, "eos_token_id": eot_id,
+      "bos_token_id": bos, "eos_token_id": eos,
       "torch_dtype": np.dtype(dtype).name, "dtype": np.dtype(dtype).name,
   })
   _write_json(os.path.join(out_dir, "generation_config.json"),
-              {"bos_token_id": bos, "eos_token_id": eot_id, "pad_token_id": eot_id})
+              {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": stop_ids[0]})
