@@ -87,12 +87,13 @@ def test_gguf_model_stops_at_its_eot_and_eom_ids(tmp_path):
   eot id: the import's stop ids are all three; the Generator stops at the eot id with those
   (ChatTokenizer.stop_ids, what every generation path passes), and `gguf-to-hf` writes them as
   generation_config.json's eos_token_id."""
-  import optax  # pylint: disable=import-outside-toplevel
-  from test_gguf import byte_level_bpe, random_llama, write_gguf  # pylint: disable=import-outside-toplevel
-  from lima_jax import sharding  # pylint: disable=import-outside-toplevel
-  from lima_jax.decoding import Decoding, Generator  # pylint: disable=import-outside-toplevel
-  from lima_jax.model import LlamaConfig  # pylint: disable=import-outside-toplevel
-  from lima_jax.train_state import Trainer  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  import optax
+  from test_gguf import byte_level_bpe, random_llama, write_gguf
+  from lima_jax import sharding
+  from lima_jax.decoding import Decoding, Generator
+  from lima_jax.model import LlamaConfig
+  from lima_jax.train_state import Trainer
   bpe = byte_level_bpe()
   model = always_emits(random_llama(bpe.get_vocab_size(), tied=False, seed=5), 2)
   path = str(tmp_path / "model.gguf")

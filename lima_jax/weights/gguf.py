@@ -45,7 +45,7 @@ _GLOBAL_NAMES = {"embed": "token_embd.weight", "lm_head": "output.weight",
 # Only these are reproduced; others (llama.cpp's 'default' among them) are refused by name.
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_PRE_TOKENIZERS = {
+PRE_TOKENIZERS = {
     **{name: ("llama3", True, True) for name in (
         "llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
         "jina-v5-nano")},
@@ -303,7 +303,7 @@ def _adds_bos_eos(source: GgufSource, kind: str, special_ids: dict) -> tuple[boo
   add_eos_token, else its defaults (BOS on for sentencepiece and the LLaMA-3 pre-tokenizers,
   EOS off). Raises LimaError for a flag whose token id is not set, as llama.cpp refuses it."""
   pre = source.value("tokenizer.ggml.pre", "")
-  default_bos = kind == "llama" or _PRE_TOKENIZERS.get(pre, ("", False, False))[2]
+  default_bos = kind == "llama" or PRE_TOKENIZERS.get(pre, ("", False, False))[2]
   adds = []
   for key, name, default in (("bos", "bos_token", default_bos), ("eos", "eos_token", False)):
     add = bool(source.value(f"tokenizer.ggml.add_{key}_token", default))
@@ -323,12 +323,14 @@ def _byte_level(source: GgufSource, vocab: dict) -> Tokenizer:
     raise LimaError(f"{source.path}: tokenizer.ggml.pre is missing (llama.cpp then splits text "
                     "by its 'default' rules and warns that generation quality degrades); "
                     "convert the model again with a current llama.cpp")
-  if pre not in _PRE_TOKENIZERS:
+  if pre not in PRE_TOKENIZERS:
     raise LimaError(f"{source.path}: tokenizer.ggml.pre={pre!r} is not supported (known: "
-                    f"{', '.join(sorted(_PRE_TOKENIZERS))})")
-  split, ignore_merges, _ = _PRE_TOKENIZERS[pre]
+                    f"{', '.join(sorted(PRE_TOKENIZERS))})")
+  split, ignore_merges, _ = PRE_TOKENIZERS[pre]
+  # ignore_merges: a pre-token that is a whole token is kept whole even where no merge reaches
+  # it (" Việt" in LLaMA-3's vocabulary), as llama.cpp, Meta's tokenizer.json and tiktoken do.
   tokenizer = Tokenizer(models.BPE(vocab, [tuple(m.split(" ", 1)) for m in merges],
-                                   ignore_merges=False))
+                                   ignore_merges=ignore_merges))
   byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
   if split == "gpt2":
     tokenizer.pre_tokenizer = byte_level
