@@ -102,7 +102,12 @@ def sources(tmp_path_factory):
   spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581",
                            "prepend_scheme": "first", "split": False}
   _write_json(first / "tokenizer.json", spec)
-  return {"sentencepiece": SP_MODEL, "sp_template": str(sp_template),
+  sp_eos = root / "sp_eos"  # a LLaMA-style config that adds EOS too
+  sp_eos.mkdir()
+  shutil.copyfile(SP_MODEL, sp_eos / "tokenizer.model")
+  _write_json(sp_eos / "tokenizer_config.json", {"bos_token": "<s>", "eos_token": "</s>",
+                                                 "add_bos_token": True, "add_eos_token": True})
+  return {"sentencepiece": SP_MODEL, "sp_template": str(sp_template), "sp_eos": str(sp_eos),
           "bpe": str(build_bpe_dir(root / "bpe")), "metaspace": str(metaspace),
           "metaspace_first": str(first),
           "tiktoken": str(build_tiktoken_file(root / "llama3.tiktoken"))}
@@ -277,6 +282,7 @@ def test_template_mask_matches_transformers_assistant_mask(sources):
 CASES = {  # source, eot_token, chat_format
     "sentencepiece-lima": ("sentencepiece", "", "lima"),
     "sentencepiece-template": ("sp_template", "</s>", "template"),
+    "sentencepiece-eos-lima": ("sp_eos", "", "lima"),
     "bpe-lima": ("bpe", "", "lima"),
     "bpe-lima-im_end": ("bpe", "<|im_end|>", "lima"),
     "bpe-template": ("bpe", "<|im_end|>", "template"),
@@ -303,7 +309,7 @@ def test_exported_tokenizer_reproduces_training_ids(sources, tmp_path, case):
     ids = hf_tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
     assert ids == tok.encode_conversation(turns, 1 << 20, False)[0].tolist(), turns
     prompt = hf_tok.apply_chat_template(messages[:-1], tokenize=True, return_dict=True,
-                                        add_generation_prompt=chat_format == "template")
+                                        add_generation_prompt=True)
     assert prompt["input_ids"] == tok.encode_prompt(turns[:-1]).tolist()
     checked += len(turns) > 2
   assert checked >= 5  # multi-turn conversations were among them
