@@ -323,7 +323,8 @@ def smollm2(tmp_path_factory):
 
 def test_smollm2_lima_format_prepends_nothing(smollm2):
   """The real file says tokenizer.ggml.add_bos_token = false: in the lima format a SmolLM2
-  conversation starts with its first utterance, not <|im_start|> (id 1), as the README says."""
+  conversation starts with its first utterance, not <|im_start|> (id 1), as the README says.
+  Its stop ids are those llama.cpp ends a generation at."""
   path, out, _ = smollm2
   assert gguf_weights.GgufSource(path).value("tokenizer.ggml.add_bos_token") is False
   tok = pretrained.OrbaxParams(out).tokenizer()
@@ -333,6 +334,8 @@ def test_smollm2_lima_format_prepends_nothing(smollm2):
   assert ids.tolist() == [i for t in turns
                           for i in ours.encode(t, add_special_tokens=False).ids + [2]]
   assert tok.bos_id is None and ids[0] != 1
+  # Generation stops at <|im_end|> (EOT, the file's eos) and at <|endoftext|>, as llama.cpp's.
+  assert tok.stop_ids == (2, 0)
 
 
 def chatml_ids(tokenizer, turns):

@@ -84,7 +84,8 @@ def test_hf_model_stops_at_its_generation_config_end_ids(tmp_path):
 
 def test_gguf_model_stops_at_its_eot_and_eom_ids(tmp_path):
   """A GGUF naming eos (the import's EOT by default), eot and eom ids, its weights emitting the
-  eot id: the import's stop ids are all three; the Generator stops at the eot id with those
+  eot id: the import's stop ids are all three (and the tokens llama.cpp ends at by their text,
+  here the same); the Generator stops at the eot id with those
   (ChatTokenizer.stop_ids, what every generation path passes), and `gguf-to-hf` writes them as
   generation_config.json's eos_token_id."""
   # pylint: disable=import-outside-toplevel

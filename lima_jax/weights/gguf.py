@@ -58,6 +58,12 @@ PRE_TOKENIZERS = {
         "starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b",
         "mellum2")},
 }
+# Tokens llama.cpp ends a generation at by their text, whatever the ids the file names
+# (llama-vocab.cpp, `special_eog_ids`; the chat ends of the families a LLaMA-architecture file
+# may carry).
+_END_TEXTS = frozenset(("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|end|>",
+                        "<|endoftext|>", "<end_of_turn>", "<EOT>", "_<EOT>",
+                        "<end_of_utterance>", "<｜end▁of▁sentence｜>"))
 _CONTROL, _USER_DEFINED, _UNKNOWN = (int(gguf.TokenType.CONTROL),
                                      int(gguf.TokenType.USER_DEFINED),
                                      int(gguf.TokenType.UNKNOWN))
@@ -189,11 +195,13 @@ class GgufSource:
     return tokens.contents(eos)
 
   def end_ids(self) -> list[int]:
-    """The file's end ids: tokenizer.ggml.eos_token_id, eot_token_id and eom_token_id (those
-    set and inside the vocabulary, as llama.cpp keeps them), in that order."""
-    count = len(self.value("tokenizer.ggml.tokens") or [])
-    ids = (self.value(f"tokenizer.ggml.{key}_token_id") for key in ("eos", "eot", "eom"))
-    return list(dict.fromkeys(int(i) for i in ids if i is not None and 0 <= int(i) < count))
+    """The ids llama.cpp ends a generation at: tokenizer.ggml.eos_token_id, eot_token_id and
+    eom_token_id (those set and inside the vocabulary), then the tokens it recognises as ends
+    by their text (`_END_TEXTS`), in id order."""
+    tokens = self.value("tokenizer.ggml.tokens") or []
+    ids = [self.value(f"tokenizer.ggml.{key}_token_id") for key in ("eos", "eot", "eom")]
+    ids += [i for i, t in enumerate(tokens) if t in _END_TEXTS]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None and 0 <= int(i) < len(tokens)))
 
   def write_tokenizer(self, out_dir: str) -> str:
     """Writes tokenizer.json, tokenizer_config.json and generation_config.json (the end ids)
