@@ -81,7 +81,8 @@ def create_app(engine: Engine, *, name: str, context: int, defaults: dict,
 
   @app.get("/health")
   async def health():
-    return {"status": "ok", "model": name, "requests": engine.busy()}
+    return {"status": "ok", "model": name, "requests": engine.busy(),
+            "cancelled": engine.cancelled}
 
   @app.get("/v1/models", dependencies=[Depends(authorized)])
   async def models():

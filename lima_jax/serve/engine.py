@@ -96,6 +96,7 @@ class Engine:
     self.waiting: collections.deque[Request] = collections.deque()
     self._cv = threading.Condition()
     self._closing = False
+    self.cancelled = 0  # requests dropped because their client went away
     self._thread = threading.Thread(target=self._run, name="lima-engine", daemon=True)
 
   def start(self) -> "Engine":
@@ -133,7 +134,9 @@ class Engine:
         for slot in range(self.model.slots):
           while self.rows[slot] is None and self.waiting:
             request = self.waiting.popleft()
-            if not request.cancelled:
+            if request.cancelled:
+              self.cancelled += 1
+            else:
               self.rows[slot] = request
               admitted.append((slot, request))
       for slot, request in admitted:
@@ -204,6 +207,7 @@ class Engine:
   def _drop_cancelled(self) -> None:
     for slot, request in enumerate(self.rows):
       if request is not None and request.cancelled:
+        self.cancelled += 1
         self._free(slot)
 
   def _free(self, slot: int) -> None:
