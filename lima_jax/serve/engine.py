@@ -65,6 +65,7 @@ class Request:
   sink: Callable
   stop: tuple[str, ...] = ()
   echo: bool = False
+  ignore_eos: bool = False  # no stop at stop ids: exactly max_new tokens (benchmarks)
   cancelled: bool = False
   generated: int = 0
   tail: TextTail | None = None
@@ -190,7 +191,7 @@ class Engine:
     token = int(token)
     request.generated += 1
     self.tokens[slot], self.steps[slot] = token, request.generated
-    at_stop_id = token in self.stop_ids
+    at_stop_id = token in self.stop_ids and not request.ignore_eos
     text = "" if at_stop_id else request.tail.add(token)
     reason = None
     if at_stop_id or request.tail.stopped:
