@@ -220,3 +220,21 @@ def test_a_long_answer_does_not_block_a_new_request(client):
     after_short += "short" in ended
   short.join()
   assert after_short > 10, after_short
+
+
+def test_a_judge_request_reads_one_tokens_top_logprobs(client, reference):
+  """An LLM judge's call: a system message, temperature 0, one token, its top_logprobs. The
+  system text opens the first user turn (LIMA's format has no system role)."""
+  tokenizer, logprobs = reference
+  got = client.chat.completions.create(
+      model=NAME, temperature=0, max_tokens=1, logprobs=True, top_logprobs=5,
+      messages=[{"role": "system", "content": "You are a careful judge."},
+                {"role": "user", "content": "Which answer is better, A or B?"}])
+  (entry,) = got.choices[0].logprobs.content
+  row = logprobs(tokenizer.encode_prompt(["You are a careful judge.\n\nWhich answer is better, "
+                                          "A or B?"]))[-1]
+  np.testing.assert_allclose([t.logprob for t in entry.top_logprobs], np.sort(row)[::-1][:5],
+                             atol=1e-4)
+  assert entry.token == entry.top_logprobs[0].token and got.choices[0].finish_reason in (
+      "length", "stop")
+  assert got.usage.completion_tokens == 1
