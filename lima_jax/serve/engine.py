@@ -1,0 +1,211 @@
+"""Continuous batching: a scheduler thread that gives free slots to waiting requests (one prefill
+each) and advances every active slot by one token per compiled decode step.
+
+A request finishes at a stop id (the tokenizer's `stop_ids`, EOT first), at a stop string, after
+its `max_new` tokens, or when its client goes away (`cancel`); its slot goes to the next waiting
+request at once, so a long answer never holds back a new one. Results flow out through the
+request's `sink`, called on the scheduler thread: the HTTP layer hands them to its event loop,
+the terminal chat prints them.
+"""
+
+import collections
+import dataclasses
+import threading
+import traceback
+from typing import Callable
+
+import jax
+import numpy as np
+from absl import logging
+
+from lima_jax.serve.slots import SlotModel, request_key
+from lima_jax.serve.text import TextTail
+
+_SETTINGS = ("temperature", "top_p", "repetition_penalty")
+
+
+@dataclasses.dataclass
+class Piece:
+  """One generated token: its id, the text it releases (may be ''), its log-probability and the
+  TOP_K likeliest (values, ids) at its position (the model's own log-softmax)."""
+  token: int
+  text: str
+  logprob: float
+  top: tuple
+
+
+@dataclasses.dataclass
+class Echo:
+  """The prompt's own logprobs (a request with echo), before its first Piece: for i >= 1 the
+  logprob of ids[i] given ids[:i] [len - 1], and the TOP_K likeliest (values, ids) there."""
+  logprobs: np.ndarray
+  top: tuple
+
+
+@dataclasses.dataclass
+class Finished:
+  """The end of a request: reason 'stop' (stop id or string) or 'length' (max_new or the
+  context); or 'error' with a message."""
+  reason: str
+  prompt_tokens: int
+  completion_tokens: int
+  message: str = ""
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+  """A prompt and how to answer it. settings: temperature, top_p, repetition_penalty,
+  penalize_prompt; max_new: tokens at most (prompt + max_new within the context); echo: also the
+  prompt's logprobs; sink: receives Pieces, then one Finished."""
+  ids: np.ndarray
+  settings: dict
+  greedy: bool
+  seed: int
+  max_new: int
+  sink: Callable
+  stop: tuple[str, ...] = ()
+  echo: bool = False
+  cancelled: bool = False
+  generated: int = 0
+  tail: TextTail | None = None
+
+  def cancel(self) -> None:
+    """The client is gone: the scheduler frees the slot before its next step."""
+    self.cancelled = True
+
+
+class EngineClosed(Exception):
+  """The engine is shutting down and takes no new request."""
+
+
+class Engine:
+  """The scheduler over a `SlotModel`. `start` runs it on a daemon thread; `close` lets the
+  requests already taken finish, then stops it."""
+
+  def __init__(self, model: SlotModel, tokenizer):
+    self.model, self.tokenizer = model, tokenizer
+    self.stop_ids = frozenset(int(i) for i in tokenizer.stop_ids)
+    n = model.slots
+    self.rows: list[Request | None] = [None] * n
+    self.tokens = np.zeros(n, np.int32)
+    self.positions = np.full(n, -1, np.int32)  # -1: a free slot
+    self.steps = np.zeros(n, np.int32)
+    self.settings = {k: np.ones(n, np.float32) for k in _SETTINGS}
+    self.greedy = np.zeros(n, np.bool_)
+    self.keys = jax.vmap(request_key)(np.zeros(n, np.int32))
+    self.waiting: collections.deque[Request] = collections.deque()
+    self._cv = threading.Condition()
+    self._closing = False
+    self._thread = threading.Thread(target=self._run, name="lima-engine", daemon=True)
+
+  def start(self) -> "Engine":
+    self._thread.start()
+    return self
+
+  def submit(self, request: Request) -> None:
+    """Queues a request; raises EngineClosed once `close` was called."""
+    request.tail = TextTail(self.tokenizer.decode, request.stop)
+    with self._cv:
+      if self._closing:
+        raise EngineClosed("the server is shutting down")
+      self.waiting.append(request)
+      self._cv.notify()
+
+  def close(self, timeout: float | None = None) -> None:
+    with self._cv:
+      self._closing = True
+      self._cv.notify()
+    if self._thread.is_alive():
+      self._thread.join(timeout)
+
+  def busy(self) -> int:
+    """Requests active or waiting."""
+    return len(self.waiting) + sum(r is not None for r in self.rows)
+
+  def _run(self) -> None:
+    while True:
+      with self._cv:
+        while not self._closing and not self.waiting and self._idle():
+          self._cv.wait()
+        if self._closing and not self.waiting and self._idle():
+          return
+        admitted = []
+        for slot in range(self.model.slots):
+          while self.rows[slot] is None and self.waiting:
+            request = self.waiting.popleft()
+            if not request.cancelled:
+              self.rows[slot] = request
+              admitted.append((slot, request))
+      for slot, request in admitted:
+        self._guard(self._admit, slot, request)
+      self._drop_cancelled()
+      if not self._idle():
+        self._guard(self._step)
+
+  def _idle(self) -> bool:
+    return all(r is None for r in self.rows)
+
+  def _guard(self, fn, *args) -> None:
+    """A failure ends the requests it touched with an error, never the scheduler."""
+    try:
+      fn(*args)
+    except Exception as e:  # pylint: disable=broad-except
+      logging.error("engine: %s", traceback.format_exc())
+      for slot, request in enumerate(self.rows):
+        if request is not None and (not args or args[0] == slot):
+          request.sink(Finished("error", len(request.ids), request.generated,
+                                message=f"{type(e).__name__}: {e}"))
+          self._free(slot)
+
+  def _admit(self, slot: int, request: Request) -> None:
+    key = request_key(request.seed)
+    first, prompt = self.model.prefill(slot, request.ids, key, request.settings, request.greedy,
+                                       echo=request.echo)
+    if prompt is not None:
+      request.sink(Echo(prompt[0], prompt[1:]))
+    if request.max_new <= 0:
+      request.sink(Finished("length", len(request.ids), 0))
+      self._free(slot)
+      return
+    for name in _SETTINGS:
+      self.settings[name][slot] = request.settings[name]
+    self.greedy[slot] = request.greedy
+    self.keys = self.keys.at[slot].set(key)
+    self.positions[slot], self.steps[slot] = len(request.ids), 0
+    self._accept(slot, *first)
+
+  def _step(self) -> None:
+    tokens, logprobs, top_values, top_ids = self.model.step(
+        self.tokens, self.positions, self.keys, self.steps, self.settings, self.greedy)
+    for slot in range(len(tokens)):
+      if self.rows[slot] is not None:
+        self.positions[slot] += 1
+        self._accept(slot, tokens[slot], logprobs[slot], top_values[slot], top_ids[slot])
+
+  def _accept(self, slot, token, logprob, top_values, top_ids) -> None:
+    request = self.rows[slot]
+    token = int(token)
+    request.generated += 1
+    self.tokens[slot], self.steps[slot] = token, request.generated
+    at_stop_id = token in self.stop_ids
+    text = "" if at_stop_id else request.tail.add(token)
+    reason = None
+    if at_stop_id or request.tail.stopped:
+      reason = "stop"
+    elif request.generated >= request.max_new:
+      reason = "length"
+    if reason and not request.tail.stopped:
+      text += request.tail.finish()
+    request.sink(Piece(token, text, float(logprob), (top_values, top_ids)))
+    if reason:
+      request.sink(Finished(reason, len(request.ids), request.generated))
+      self._free(slot)
+
+  def _drop_cancelled(self) -> None:
+    for slot, request in enumerate(self.rows):
+      if request is not None and request.cancelled:
+        self._free(slot)
+
+  def _free(self, slot: int) -> None:
+    self.rows[slot] = None
+    self.positions[slot] = -1
