@@ -20,7 +20,8 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from tests.test_evaluate_helpers import ENV, ROOT, evaluate, free_port, make_study
+from tests.test_evaluate_helpers import (ENV, ROOT, evaluate, free_port, make_study, start_module,
+                                        stop)
 
 N = 6
 PROMPTS = [f"Question number {i}: how do I do thing {i}?" for i in range(N)]
@@ -229,3 +230,40 @@ def test_rating_modes_and_cli_errors(study, endpoint):
   assert bad.returncode == 2 and "Traceback" not in bad.stderr
   assert bad.stderr.strip() == (f"error: --against=gpt4: no such system in {study} "
                                 "(systems: base, lima)")
+
+
+def test_judge_against_lima_jax_serve(tmp_path):
+  """The acceptance path: `python -m lima_jax.serve` with the cached SmolLM2-135M import as a
+  local judge; every verdict read from logprobs, both orders of every pair, one verdict each."""
+  from lima_jax import fetch  # pylint: disable=import-outside-toplevel
+  model = fetch.import_dir()
+  if not os.path.isdir(model):
+    print(f"skipping the lima_jax.serve judge: no SmolLM2 import in {model} "
+          "(python -m lima_jax.demo or lima_jax.convert gguf-to-orbax makes it)")
+    pytest.skip(f"no SmolLM2-135M import in {model}")
+  prompts = ["What is the capital of France?", "Name a prime number.", "Say hello."]
+  study = make_study(str(tmp_path), prompts, {
+      "tuned": ["Paris is the capital of France.", "7 is prime.", "Hello!"],
+      "base": ["I like turtles.", "Bananas are yellow.", "Goodbye."]}, shared=3)
+  port = free_port()
+  server = start_module("lima_jax.serve", f"--model={model}", "--chat_format=template",
+                        "--eot_token=<|im_end|>", "--slots=2", "--context=512", f"--port={port}",
+                        url=f"http://127.0.0.1:{port}/v1/models")
+  try:
+    out = evaluate("judge", f"--study={study}", "--system=tuned", "--against=base",
+                   f"--endpoint=http://127.0.0.1:{port}/v1", "--model=smollm2-135m-instruct",
+                   "--max_tokens=1").stdout
+  finally:
+    stop(server)
+  assert "6 verdicts from logprobs, 0 from text, 0 failed" in out
+  with sqlite3.connect(os.path.join(study, "study.sqlite")) as db:
+    rows = db.execute("SELECT item, ord, status, verdict, how FROM judgements "
+                      "ORDER BY item, ord").fetchall()
+    requests = [json.loads(r) for (r,) in db.execute("SELECT request FROM calls")]
+  assert [(i, o) for i, o, *_ in rows] == [(i, o) for i in range(3) for o in (0, 1)]
+  assert all(s == "ok" and v in ("tuned", "base", "tie") and h == "logprobs"
+             for _, _, s, v, h in rows)
+  # The two orders of a pair show the answers swapped.
+  first = [r["messages"][-1]["content"] for r in requests]
+  assert sum("[Response A]\nParis" in t for t in first) == 1
+  assert sum("[Response B]\nParis" in t for t in first) == 1
