@@ -155,3 +155,4 @@ def test_cli_errors_are_one_line(study, tmp_path):
       "error: command line: the following arguments are required: --endpoint, --model")
   assert _error("import-votes", f"--study={study}", "--rater=r", f"--file={missing}") == (
       f"error: --file: {missing}: no such file")
+

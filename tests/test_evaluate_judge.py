@@ -232,21 +232,42 @@ def test_rating_modes_and_cli_errors(study, endpoint):
                                 "(systems: base, lima)")
 
 
-def test_judge_against_lima_jax_serve(tmp_path):
-  """The acceptance path: `python -m lima_jax.serve` with the cached SmolLM2-135M import as a
-  local judge; every verdict read from logprobs, both orders of every pair, one verdict each."""
+@pytest.fixture(scope="module")
+def smollm2():
   from lima_jax import fetch  # pylint: disable=import-outside-toplevel
   model = fetch.import_dir()
   if not os.path.isdir(model):
-    print(f"skipping the lima_jax.serve judge: no SmolLM2 import in {model} "
+    print(f"skipping the SmolLM2 tests: no import in {model} "
           "(python -m lima_jax.demo or lima_jax.convert gguf-to-orbax makes it)")
     pytest.skip(f"no SmolLM2-135M import in {model}")
+  return model
+
+
+def test_add_generates_and_lima_jax_serve_judges(tmp_path, smollm2):
+  """The acceptance path on the cached SmolLM2-135M import: `add --model` generates two samples
+  per prompt with generate's sampler; `python -m lima_jax.serve` on the same model is the local
+  judge: every verdict read from logprobs, both orders of every pair, one verdict each."""
   prompts = ["What is the capital of France?", "Name a prime number.", "Say hello."]
   study = make_study(str(tmp_path), prompts, {
       "tuned": ["Paris is the capital of France.", "7 is prime.", "Hello!"],
       "base": ["I like turtles.", "Bananas are yellow.", "Goodbye."]}, shared=3)
+  out = evaluate("add", f"--study={study}", "--system=smol", f"--model={smollm2}",
+                 "--chat_format=template", "--eot_token=<|im_end|>", "--samples=2",
+                 "--max_tokens=6").stdout
+  assert "6 answers of smol to 3 prompts" in out
+  with sqlite3.connect(os.path.join(study, "study.sqlite")) as db:
+    answers = db.execute("SELECT item, sample, text FROM answers WHERE system = 'smol' "
+                         "ORDER BY item, sample").fetchall()
+  assert [(i, s) for i, s, _ in answers] == [(i, s) for i in range(3) for s in (0, 1)]
+  assert all(text.strip() for *_, text in answers)
+  assert any(answers[2 * i][2] != answers[2 * i + 1][2] for i in range(3))  # seeds differ
+  with open(os.path.join(study, "generated", "smollm2-135m-instruct_seed0.jsonl"),
+            encoding="utf-8") as f:
+    records = [json.loads(line) for line in f]
+  assert [r["prompt"] for r in records] == prompts and all(r["tokens"] <= 6 for r in records)
+
   port = free_port()
-  server = start_module("lima_jax.serve", f"--model={model}", "--chat_format=template",
+  server = start_module("lima_jax.serve", f"--model={smollm2}", "--chat_format=template",
                         "--eot_token=<|im_end|>", "--slots=2", "--context=512", f"--port={port}",
                         url=f"http://127.0.0.1:{port}/v1/models")
   try:

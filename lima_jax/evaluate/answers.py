@@ -87,24 +87,38 @@ def with_samples(files: list[list[tuple[int, str]]]) -> list[tuple[int, int, str
   return out
 
 
-def generate(study_dir: str, workdir: str, epoch: int | None, *, seed: int,
-             extra: list[str]) -> str:
-  """Answers to the study's prompts from a run's params, written by `python -m
-  lima_jax.generate` (the paper's decoding, from the run's generate.* config) into a file in
-  the study; returns its path. `extra`: further generate flags (e.g. --max_tokens=256)."""
-  from lima_jax import generate as generator  # pylint: disable=import-outside-toplevel
+def generate(study_dir: str, source, *, samples: int, seed: int,
+             max_tokens: int | None) -> list[str]:
+  """Answers to the study's prompts from a model, decoded as `python -m lima_jax.generate`
+  decodes (the paper's nucleus 0.9, temperature 0.7, repetition penalty 1.2, from the run's
+  generate.* config; LIMA section 2), `samples` times with seeds seed, seed+1, ... Each sample is
+  one file in generate's format under <study>/generated/; returns their paths.
+
+  `source`: the flags of `lima_jax.serve.loading.load` (workdir/epoch/step, or model with
+  chat_format/eot_token, and context), which loads params as generate and the server do.
+  """
+  # pylint: disable=import-outside-toplevel
+  from lima_jax.data import prepared_dir
+  from lima_jax.decoding import Decoding, Generator
+  from lima_jax.prompts import generation_records, load_prompts, write_jsonl
+  from lima_jax.serve import loading
+  loaded = loading.load(source)
+  prompts = load_prompts(os.path.join(study_dir, PROMPTS), loaded.tokenizer,
+                         data_dir=prepared_dir(study_dir), context=loaded.context,
+                         what="the study's prompts")
+  section = dict(loaded.generate, **({"max_tokens": max_tokens} if max_tokens else {}))
+  generator = Generator(loaded.trainer, loaded.tokenizer.eot_id, section["batch_size"])
   folder = os.path.join(study_dir, "generated")
   os.makedirs(folder, exist_ok=True)
-  name = f"{os.path.basename(os.path.normpath(workdir))}_epoch{epoch}_seed{seed}.jsonl"
-  out = os.path.join(folder, name)
-  partial = out + ".partial"  # a killed generation leaves no file that looks complete
-  argv = ["--workdir", workdir, "--prompts", os.path.join(study_dir, PROMPTS), "--out", partial,
-          f"--seed={seed}"] + extra
-  if epoch is not None:
-    argv.append(f"--epoch={epoch}")
-  generator.main(argv)
-  os.replace(partial, out)
-  return out
+  paths = []
+  for k in range(samples):
+    section["seed"] = seed + k
+    ids = generator.generate(loaded.params, [p.ids for p in prompts],
+                             max_new=section["max_tokens"], context=loaded.context,
+                             decoding=Decoding.from_config(section))
+    paths.append(os.path.join(folder, f"{loaded.name}_seed{seed + k}.jsonl"))
+    write_jsonl(paths[-1], generation_records(prompts, ids, loaded.tokenizer))
+  return paths
 
 
 def _short(text) -> str:

@@ -11,10 +11,12 @@ people and by an LLM judge (Zhou et al. 2023, sections 3-5).
   python -m lima_jax.evaluate report --study=study
 """
 
+import argparse
 import asyncio
 import os
 
-from lima_jax.cli import ArgumentParser, fail, quiet_logs, summary
+from lima_jax.cli import (ArgumentParser, fail, quiet_logs, summary, use_compile_cache,
+                          use_fake_cpu_devices)
 from lima_jax.errors import LimaError
 from lima_jax.evaluate import protocol
 from lima_jax.evaluate.store import Study
@@ -42,11 +44,18 @@ def _parser() -> ArgumentParser:
                       "samples per prompt")
   source.add_argument("--workdir", help="generate the answers now from this run's params, "
                       "with the run's (the paper's) decoding")
+  source.add_argument("--model", help="generate the answers now from a model directory "
+                      "(anything init_from accepts, e.g. the SmolLM2 import)")
   add.add_argument("--epoch", type=int, help="with --workdir: the epoch's params")
+  add.add_argument("--chat_format", choices=("lima", "template"),
+                   help="with --model: how prompts become ids (default: as the model records)")
+  add.add_argument("--eot_token", default="", help="with --model: the token that ends a turn")
   add.add_argument("--samples", type=int, default=1,
-                   help="with --workdir: answers per prompt, each with its own seed")
-  add.add_argument("--seed", type=int, default=0, help="with --workdir: the first sample's seed")
-  add.add_argument("--max_tokens", type=int, help="with --workdir: new tokens per answer at most")
+                   help="when generating: answers per prompt, each with its own seed")
+  add.add_argument("--seed", type=int, default=0, help="when generating: the first sample's seed")
+  add.add_argument("--max_tokens", type=int,
+                   help="when generating: new tokens per answer at most (default: the run's "
+                   "generate.max_tokens)")
 
   annotate = commands.add_parser("annotate", help="the rating page for people")
   _task_flags(annotate)
@@ -127,13 +136,17 @@ def _add(args) -> None:
   if args.answers is None:
     if args.samples < 1:
       raise LimaError(f"--samples={args.samples}: must be 1 or more")
-    extra = [f"--max_tokens={args.max_tokens}"] if args.max_tokens else []
-    files = [answers.generate(args.study, args.workdir, args.epoch, seed=args.seed + k,
-                              extra=extra) for k in range(args.samples)]
-    origin = f"{args.workdir} epoch {args.epoch}"
+    use_fake_cpu_devices(1)  # one process decoding: a fake CPU mesh would only slow it
+    use_compile_cache(os.path.expanduser("~/.cache/lima_jax/jax"))
+    source = argparse.Namespace(workdir=args.workdir, model=args.model, epoch=args.epoch,
+                                step=None, chat_format=args.chat_format,
+                                eot_token=args.eot_token, context=None)
+    files = answers.generate(args.study, source, samples=args.samples, seed=args.seed,
+                             max_tokens=args.max_tokens)
+    origin = (f"{args.workdir} epoch {args.epoch}" if args.workdir else args.model)
   else:
     if args.epoch is not None or args.samples != 1:
-      raise LimaError("--epoch and --samples go with --workdir")
+      raise LimaError("--epoch and --samples go with --workdir or --model")
     files, origin = args.answers, ", ".join(args.answers)
   items = study.items()
   rows = answers.with_samples([answers.read_file(f, items) for f in files])
