@@ -115,8 +115,9 @@ def _tasks(study: Study, args):
 
 
 def _new(args) -> None:
-  from lima_jax.data.conversations import parse_conversations, read_source  # pylint: disable=import-outside-toplevel
-  from lima_jax.evaluate import answers, store  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from lima_jax.data.conversations import parse_conversations, read_source
+  from lima_jax.evaluate import answers, store
   if args.shared < 0:
     raise LimaError(f"--shared={args.shared}: must be 0 or more")
   raw = read_source(args.prompts, what="--prompts")
