@@ -11,6 +11,7 @@ finishes those in flight. See docs/serving.md.
 """
 
 import os
+import signal
 import time
 
 from lima_jax.cli import (ArgumentParser, fail, quiet_logs, summary, use_compile_cache,
@@ -87,6 +88,9 @@ def _serve(args, api_key: str) -> None:
   # finish (timeout_graceful_shutdown None: however long they take), then returns here.
   config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                           timeout_graceful_shutdown=None)
+  # uvicorn raises the signal again once drained; handled here, the process ends normally.
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, lambda *_: None)
   try:
     uvicorn.Server(config).run()
   finally:

@@ -81,7 +81,8 @@ def create_app(engine: Engine, *, name: str, context: int, defaults: dict,
 
   @app.get("/health")
   async def health():
-    return {"status": "ok", "model": name, "requests": engine.busy()}
+    return {"status": "ok", "model": name, "requests": engine.busy(),
+            "cancelled": engine.cancelled}
 
   @app.get("/v1/models", dependencies=[Depends(authorized)])
   async def models():
@@ -172,7 +173,7 @@ def create_app(engine: Engine, *, name: str, context: int, defaults: dict,
 def _job(body, ids, limit, defaults, echo=False) -> Job:
   settings, greedy, seed = bodies.decoding(body, defaults)
   return Job(ids=ids, settings=settings, greedy=greedy, seed=seed, max_new=limit,
-             sink=None, stop=body.stops(), echo=echo)
+             sink=None, stop=body.stops(), echo=echo, ignore_eos=body.ignore_eos)
 
 
 class _Run:

@@ -65,6 +65,7 @@ class Request:
   sink: Callable
   stop: tuple[str, ...] = ()
   echo: bool = False
+  ignore_eos: bool = False  # no stop at stop ids: exactly max_new tokens (benchmarks)
   cancelled: bool = False
   generated: int = 0
   tail: TextTail | None = None
@@ -96,6 +97,7 @@ class Engine:
     self.waiting: collections.deque[Request] = collections.deque()
     self._cv = threading.Condition()
     self._closing = False
+    self.cancelled = 0  # requests dropped because their client went away
     self._thread = threading.Thread(target=self._run, name="lima-engine", daemon=True)
 
   def start(self) -> "Engine":
@@ -133,7 +135,9 @@ class Engine:
         for slot in range(self.model.slots):
           while self.rows[slot] is None and self.waiting:
             request = self.waiting.popleft()
-            if not request.cancelled:
+            if request.cancelled:
+              self.cancelled += 1
+            else:
               self.rows[slot] = request
               admitted.append((slot, request))
       for slot, request in admitted:
@@ -187,7 +191,7 @@ class Engine:
     token = int(token)
     request.generated += 1
     self.tokens[slot], self.steps[slot] = token, request.generated
-    at_stop_id = token in self.stop_ids
+    at_stop_id = token in self.stop_ids and not request.ignore_eos
     text = "" if at_stop_id else request.tail.add(token)
     reason = None
     if at_stop_id or request.tail.stopped:
@@ -204,6 +208,7 @@ class Engine:
   def _drop_cancelled(self) -> None:
     for slot, request in enumerate(self.rows):
       if request is not None and request.cancelled:
+        self.cancelled += 1
         self._free(slot)
 
   def _free(self, slot: int) -> None:

@@ -35,6 +35,7 @@ class _Body(BaseModel):
   n: int = 1
   repetition_penalty: float | None = Field(None, gt=0)
   return_token_ids: bool = False  # vLLM's extension: the prompt's and the answer's ids
+  ignore_eos: bool = False  # vLLM's extension: run to max_tokens (benchmarks)
 
   def stops(self) -> tuple[str, ...]:
     stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
