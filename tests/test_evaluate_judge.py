@@ -20,8 +20,8 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from tests.test_evaluate_helpers import (ENV, ROOT, evaluate, free_port, make_study, start_module,
-                                        stop)
+from serve_process import Server  # tests/: the serving tests' real server process
+from tests.test_evaluate_helpers import ENV, ROOT, evaluate, free_port, make_study
 
 N = 6
 PROMPTS = [f"Question number {i}: how do I do thing {i}?" for i in range(N)]
@@ -266,16 +266,14 @@ def test_add_generates_and_lima_jax_serve_judges(tmp_path, smollm2):
     records = [json.loads(line) for line in f]
   assert [r["prompt"] for r in records] == prompts and all(r["tokens"] <= 6 for r in records)
 
-  port = free_port()
-  server = start_module("lima_jax.serve", f"--model={smollm2}", "--chat_format=template",
-                        "--eot_token=<|im_end|>", "--slots=2", "--context=512", f"--port={port}",
-                        url=f"http://127.0.0.1:{port}/v1/models")
+  server = Server(f"--model={smollm2}", "--chat_format=template", "--eot_token=<|im_end|>",
+                  "--slots=2", "--context=512")
   try:
     out = evaluate("judge", f"--study={study}", "--system=tuned", "--against=base",
-                   f"--endpoint=http://127.0.0.1:{port}/v1", "--model=smollm2-135m-instruct",
+                   f"--endpoint={server.url}/v1", "--model=smollm2-135m-instruct",
                    "--max_tokens=1").stdout
   finally:
-    stop(server)
+    server.stop()
   assert "6 verdicts from logprobs, 0 from text, 0 failed" in out
   with sqlite3.connect(os.path.join(study, "study.sqlite")) as db:
     rows = db.execute("SELECT item, ord, status, verdict, how FROM judgements "
