@@ -261,7 +261,7 @@ def test_add_generates_and_lima_jax_serve_judges(tmp_path, smollm2):
   assert [(i, s) for i, s, _ in answers] == [(i, s) for i in range(3) for s in (0, 1)]
   assert all(text.strip() for *_, text in answers)
   assert any(answers[2 * i][2] != answers[2 * i + 1][2] for i in range(3))  # seeds differ
-  with open(os.path.join(study, "generated", "smollm2-135m-instruct_seed0.jsonl"),
+  with open(os.path.join(study, "generated", "smol_seed0.jsonl"),
             encoding="utf-8") as f:
     records = [json.loads(line) for line in f]
   assert [r["prompt"] for r in records] == prompts and all(r["tokens"] <= 6 for r in records)

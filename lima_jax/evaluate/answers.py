@@ -87,12 +87,12 @@ def with_samples(files: list[list[tuple[int, str]]]) -> list[tuple[int, int, str
   return out
 
 
-def generate(study_dir: str, source, *, samples: int, seed: int,
+def generate(study_dir: str, source, *, name: str, samples: int, seed: int,
              max_tokens: int | None) -> list[str]:
   """Answers to the study's prompts from a model, decoded as `python -m lima_jax.generate`
   decodes (the paper's nucleus 0.9, temperature 0.7, repetition penalty 1.2, from the run's
   generate.* config; LIMA section 2), `samples` times with seeds seed, seed+1, ... Each sample is
-  one file in generate's format under <study>/generated/; returns their paths.
+  one file in generate's format, <study>/generated/<name>_seed<S>.jsonl; returns their paths.
 
   `source`: the flags of `lima_jax.serve.loading.load` (workdir/epoch/step, or model with
   chat_format/eot_token, and context), which loads params as generate and the server do.
@@ -116,7 +116,7 @@ def generate(study_dir: str, source, *, samples: int, seed: int,
     ids = generator.generate(loaded.params, [p.ids for p in prompts],
                              max_new=section["max_tokens"], context=loaded.context,
                              decoding=Decoding.from_config(section))
-    paths.append(os.path.join(folder, f"{loaded.name}_seed{seed + k}.jsonl"))
+    paths.append(os.path.join(folder, f"{name}_seed{seed + k}.jsonl"))
     write_jsonl(paths[-1], generation_records(prompts, ids, loaded.tokenizer))
   return paths
 

@@ -46,7 +46,8 @@ def _parser() -> ArgumentParser:
                       "with the run's (the paper's) decoding")
   source.add_argument("--model", help="generate the answers now from a model directory "
                       "(anything init_from accepts, e.g. the SmolLM2 import)")
-  add.add_argument("--epoch", type=int, help="with --workdir: the epoch's params")
+  add.add_argument("--epoch", type=int,
+                   help="with --workdir: the epoch's params (default: its latest checkpoint)")
   add.add_argument("--chat_format", choices=("lima", "template"),
                    help="with --model: how prompts become ids (default: as the model records)")
   add.add_argument("--eot_token", default="", help="with --model: the token that ends a turn")
@@ -142,9 +143,10 @@ def _add(args) -> None:
     source = argparse.Namespace(workdir=args.workdir, model=args.model, epoch=args.epoch,
                                 step=None, chat_format=args.chat_format,
                                 eot_token=args.eot_token, context=None)
-    files = answers.generate(args.study, source, samples=args.samples, seed=args.seed,
-                             max_tokens=args.max_tokens)
-    origin = (f"{args.workdir} epoch {args.epoch}" if args.workdir else args.model)
+    origin = args.model or (f"{args.workdir} epoch {args.epoch}" if args.epoch is not None
+                            else args.workdir)
+    files = answers.generate(args.study, source, name=args.system, samples=args.samples,
+                             seed=args.seed, max_tokens=args.max_tokens)
   else:
     if args.epoch is not None or args.samples != 1:
       raise LimaError("--epoch and --samples go with --workdir or --model")
