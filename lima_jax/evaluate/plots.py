@@ -54,15 +54,18 @@ def stacked(title: str, rows: list[dict], segments: tuple[str, ...],
         out.append(f'<text x="{(sx(start) + sx(start + share)) / 2:.1f}" y="{y + 13}" '
                    f'text-anchor="middle" fill="white">{share * 100:.0f}</text>')
       start += share
-    for name, key in (whiskers or {}).items():
+    for n, (name, key) in enumerate((whiskers or {}).items()):
       low, high = row.get(key, (math.nan, math.nan))
       if not (math.isfinite(low) and math.isfinite(high)):
         continue
       if name == segments[-1]:
         low, high = 1 - high, 1 - low
-      mid = y + (_ROW - 8) / 2
-      out.append(f'<path class="ci" d="M{sx(low):.1f},{mid - 5:.1f}v10M{sx(low):.1f},{mid:.1f}'
-                 f'H{sx(high):.1f}M{sx(high):.1f},{mid - 5:.1f}v10" stroke="#222" fill="none"/>')
+      # Each interval on its own line (the first near the bar's top, the next near its bottom),
+      # clear of the numbers in the middle.
+      at = y + 2 + n * (_ROW - 12)
+      out.append(f'<path class="ci" data-segment="{name}" d="M{sx(low):.1f},{at - 2:.1f}v4'
+                 f'M{sx(low):.1f},{at:.1f}H{sx(high):.1f}M{sx(high):.1f},{at - 2:.1f}v4" '
+                 'stroke="#222" stroke-width="1.2" fill="none"/>')
   out.append(_legend(segments))
   out.append("</svg>")
   return "\n".join(out)
