@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lima_jax import sharding
 from lima_jax.decoding import decode_weights, next_tokens, prompt_bucket, prompt_seen
 
 TOP_K = 20  # OpenAI's largest top_logprobs
@@ -74,8 +75,11 @@ class SlotModel:
     dtype = jnp.dtype(cfg.compute_dtype)
     self.params = jax.jit(lambda p: decode_weights(p, dtype))(params)
     model = nnx.merge(self.graphdef, self.params)
-    self.cache = jax.jit(lambda: model.init_cache(slots, self.capacity))()
-    self.seen = jnp.zeros((slots, self.vocab), jnp.bool_)
+    # Placed as the steps' outputs are, so the second call does not compile again.
+    state = jax.jit(lambda: (model.init_cache(slots, self.capacity),
+                             jnp.zeros((slots, self.vocab), jnp.bool_)),
+                    out_shardings=sharding.replicated(trainer.mesh))
+    self.cache, self.seen = state()
     self._prefill = jax.jit(self._prefill_fn, static_argnames=("echo",),
                             donate_argnames=("cache", "seen"))
     self._decode = jax.jit(self._decode_fn, static_argnames=("rows", "window"),
