@@ -4,11 +4,11 @@ its one-line errors."""
 import json
 import os
 import shutil
-import sqlite3
 
 import pytest
 
-from tests.test_evaluate_helpers import evaluate, make_study, write_generations, write_prompts
+from tests.test_evaluate_helpers import (database, evaluate, make_study, write_generations,
+                                        write_prompts)
 
 PROMPTS = ["Write a haiku about rain.", "What is 2 + 2?", "Explain photosynthesis briefly."]
 SYSTEMS = {"lima": ["Rain on the roof...", "4", "Plants turn light into sugar."],
@@ -26,7 +26,7 @@ def study(made, tmp_path):
 
 
 def _votes(study):
-  with sqlite3.connect(os.path.join(study, "study.sqlite")) as db:
+  with database(study) as db:
     return db.execute("SELECT rater, origin, item, system, opponent, choice FROM votes "
                       "ORDER BY id").fetchall()
 
@@ -40,7 +40,7 @@ def _error(*args):
 
 
 def test_new_and_add_from_generate_and_alpaca_eval(made, tmp_path):
-  with sqlite3.connect(os.path.join(made, "study.sqlite")) as db:
+  with database(made) as db:
     assert db.execute("SELECT COUNT(*), SUM(shared) FROM items").fetchone() == (3, 2)
     assert db.execute("SELECT system, item, sample, text FROM answers WHERE system = 'lima' "
                       "ORDER BY item").fetchall() == [
@@ -53,7 +53,7 @@ def test_new_and_add_from_generate_and_alpaca_eval(made, tmp_path):
   study = shutil.copytree(made, tmp_path / "study")
   assert "6 answers of alpaca" in evaluate("add", f"--study={study}", "--system=alpaca",
                                            f"--answers={path}").stdout
-  with sqlite3.connect(os.path.join(study, "study.sqlite")) as db:
+  with database(study) as db:
     assert db.execute("SELECT item, sample, text FROM answers WHERE system = 'alpaca' AND "
                       "item = 1 ORDER BY sample").fetchall() == [(1, 0, "sample 0 of 1"),
                                                                   (1, 1, "sample 1 of 1")]
@@ -101,7 +101,7 @@ def test_import_votes_jsonl_and_csv(study, tmp_path):
   assert (people["system"], people["opponent"], people["n"]) == ("lima", "gpt", 4)
   assert (people["win"], people["tie"], people["loss"]) == (0.25, 0.25, 0.5)
   # Both rated item 1 only (mturk: neither, prolific: gpt), which is shared: half a point.
-  with sqlite3.connect(os.path.join(study, "study.sqlite")) as db:
+  with database(study) as db:
     assert db.execute("SELECT shared FROM items WHERE item = 1").fetchone() == (1,)
   assert report["agreement"] == [{"raters": ["mturk", "prolific"], "n": 1,
                                   "tie_discounted_accuracy": 0.5}]

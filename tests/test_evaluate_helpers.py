@@ -1,8 +1,10 @@
 """Shared by the evaluation's tests: the CLI in a subprocess, small studies, local servers."""
 
+import contextlib
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -20,6 +22,17 @@ def evaluate(*args, check=True):
   if check and done.returncode:
     raise AssertionError(f"evaluate {args} failed:\n{done.stderr}")
   return done
+
+
+@contextlib.contextmanager
+def database(study):
+  """The study's SQLite database, closed on exit (an open reader keeps its WAL files, which a
+  copy of the directory could then catch half gone)."""
+  db = sqlite3.connect(os.path.join(study, "study.sqlite"))
+  try:
+    yield db
+  finally:
+    db.close()
 
 
 def write_prompts(path, prompts):

@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -21,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from serve_process import Server  # tests/: the serving tests' real server process
-from tests.test_evaluate_helpers import ENV, ROOT, evaluate, free_port, make_study
+from tests.test_evaluate_helpers import ENV, ROOT, database, evaluate, free_port, make_study
 
 N = 6
 PROMPTS = [f"Question number {i}: how do I do thing {i}?" for i in range(N)]
@@ -104,7 +103,7 @@ def _judge(study, endpoint, *flags, check=True):
 
 
 def _rows(study, *columns, where="1"):
-  with sqlite3.connect(os.path.join(study, "study.sqlite")) as db:
+  with database(study) as db:
     return db.execute(f"SELECT {', '.join(columns)} FROM judgements WHERE {where} "
                       "ORDER BY item, ord").fetchall()
 
@@ -170,7 +169,7 @@ def test_failures_are_retried_or_recorded_never_verdicts(study, endpoint):
   assert by_item[0][0] == 2 and by_item[2][0] == 2  # retried once each
   assert by_item[1] == (3, "HTTP 500") and by_item[4] == (1, "HTTP 400")
   assert by_item[3][1].startswith("unparseable reply: 'Both answers")
-  with sqlite3.connect(os.path.join(study, "study.sqlite")) as db:
+  with database(study) as db:
     calls = db.execute("SELECT item, status, reply, error FROM calls ORDER BY id").fetchall()
   assert len(calls) == len(endpoint.log) == 20  # every attempt, timed out or not
   assert sum(1 for c in calls if c[0] == 2 and (c[3] or "").startswith("timeout")) == 2
@@ -255,7 +254,7 @@ def test_add_generates_and_lima_jax_serve_judges(tmp_path, smollm2):
                  "--chat_format=template", "--eot_token=<|im_end|>", "--samples=2",
                  "--max_tokens=6").stdout
   assert "6 answers of smol to 3 prompts" in out
-  with sqlite3.connect(os.path.join(study, "study.sqlite")) as db:
+  with database(study) as db:
     answers = db.execute("SELECT item, sample, text FROM answers WHERE system = 'smol' "
                          "ORDER BY item, sample").fetchall()
   assert [(i, s) for i, s, _ in answers] == [(i, s) for i in range(3) for s in (0, 1)]
@@ -275,7 +274,7 @@ def test_add_generates_and_lima_jax_serve_judges(tmp_path, smollm2):
   finally:
     server.stop()
   assert "6 verdicts from logprobs, 0 from text, 0 failed" in out
-  with sqlite3.connect(os.path.join(study, "study.sqlite")) as db:
+  with database(study) as db:
     rows = db.execute("SELECT item, ord, status, verdict, how FROM judgements "
                       "ORDER BY item, ord").fetchall()
     requests = [json.loads(r) for (r,) in db.execute("SELECT request FROM calls")]

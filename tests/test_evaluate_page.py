@@ -4,12 +4,12 @@ page served by `python -m lima_jax.evaluate annotate` in a subprocess."""
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 
 import pytest
 
-from tests.test_evaluate_helpers import evaluate, free_port, make_study, start_module, stop
+from tests.test_evaluate_helpers import (database, evaluate, free_port, make_study, start_module,
+                                        stop)
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By  # pylint: disable=wrong-import-position
@@ -74,7 +74,7 @@ class Page:
 
 
 def _stored(study, mode):
-  with sqlite3.connect(os.path.join(study, "study.sqlite")) as db:
+  with database(study) as db:
     return db.execute("SELECT rater, item, system, opponent, left_system, choice FROM votes "
                       "WHERE mode = ? ORDER BY id", (mode,)).fetchall()
 
