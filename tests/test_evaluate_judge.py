@@ -1,6 +1,7 @@
 """`python -m lima_jax.evaluate judge` against a small OpenAI-compatible endpoint started here,
 whose replies each test scripts: verdicts from logprobs and from text, both orders, 429 / 500 /
-timeouts / unparseable replies, a run killed half way and rerun."""
+timeouts / unparseable replies, a run killed half way and rerun; then against a real
+`python -m lima_jax.serve` on the SmolLM2-135M import."""
 
 import asyncio
 import collections
@@ -19,6 +20,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from lima_jax.evaluate import protocol
 from serve_process import Server  # tests/: the serving tests' real server process
 from tests.test_evaluate_helpers import ENV, ROOT, database, evaluate, free_port, make_study
 
@@ -285,3 +287,14 @@ def test_add_generates_and_lima_jax_serve_judges(tmp_path, smollm2):
   first = [r["messages"][-1]["content"] for r in requests]
   assert sum("[Response A]\nParis" in t for t in first) == 1
   assert sum("[Response B]\nParis" in t for t in first) == 1
+
+
+@pytest.mark.parametrize("mode, text, value", [
+    ("pairwise", "A", "left"), ("pairwise", " **B**. Because...", "right"),
+    ("pairwise", "Neither is better", "tie"), ("pairwise", "N", "tie"),
+    ("pairwise", "Both are fine", None), ("pairwise", "", None), ("pairwise", "C", None),
+    ("absolute", "Excellent: it answers fully", "excellent"), ("absolute", "F", "fail"),
+    ("helpfulness", "5", "5"), ("helpfulness", "7", None), ("helpfulness", "4/6", None),
+])
+def test_reply_text_parsing(mode, text, value):
+  assert protocol.parse_reply(mode, text) == value

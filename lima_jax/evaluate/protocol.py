@@ -76,13 +76,14 @@ def judge_messages(mode: str, turns: list[str], answers: list[str]) -> list[dict
 
 
 def parse_reply(mode: str, text: str) -> str | None:
-  """The choice value a judge's reply text holds (its first word, one of the keys), else
-  None: an unparseable reply is never a verdict."""
+  """The choice value a judge's reply text holds, else None (an unparseable reply is never a
+  verdict): its first word, as a choice's key ("A", "E", "5") or its label's first word
+  ("Neither", "Excellent")."""
   words = (text or "").strip().split()
   if not words:
     return None
-  first = words[0].strip(".:*()[]\"'").upper()
+  first = words[0].strip(".,:;!*()[]\"'").upper()
   for choice in CHOICES[mode]:
-    if first == choice.key:
+    if first in (choice.key, choice.label.split()[0].strip(":").upper()):
       return choice.value
   return None
