@@ -107,6 +107,7 @@ def test_import_votes_jsonl_and_csv(study, tmp_path):
                                   "tie_discounted_accuracy": 0.5}]
   md = open(os.path.join(study, "report.md"), encoding="utf-8").read()
   assert "| lima | gpt | people | 4 | 25% | 25% | 50% | 50% |" in md
+  assert people["orders_disagree"] is None
 
 
 @pytest.mark.parametrize("row, message", [

@@ -141,6 +141,7 @@ def test_verdicts_from_logprobs_and_text_in_both_orders(study, endpoint):
   assert row["rater"] == "judge:scripted" and row["n"] == N
   # Wins 0, 1, 5; loss 2; ties 3 (orders disagree) and 4.
   assert (row["win"], row["tie"], row["loss"]) == pytest.approx((3 / N, 2 / N, 1 / N))
+  assert row["orders_disagree"] == pytest.approx(1 / N)  # item 3's position bias
   # A rerun finds nothing left to ask.
   endpoint.log = []
   assert "12 judged before" in _judge(study, endpoint).stdout and not endpoint.log

@@ -23,7 +23,8 @@ PEOPLE = "people"
 
 def _pairs(study: Study):
   """(people's votes, judges' verdicts from both orders) as (rater, source, system, opponent,
-  item, verdict) tuples; a pair keeps the orientation it was first stored in."""
+  item, verdict, whether a judge's two orders disagreed (None for people)) tuples; a pair keeps
+  the orientation it was first stored in."""
   oriented, rows = {}, []
 
   def orient(system, opponent):
@@ -31,7 +32,7 @@ def _pairs(study: Study):
 
   for v in study.votes("pairwise"):
     rows.append((v["rater"], PEOPLE, *orient(v["system"], v["opponent"]), v["item"],
-                 v["choice"]))
+                 v["choice"], None))
   both = {}
   for j in study.judgements("pairwise"):
     if j["status"] == "ok":
@@ -40,7 +41,7 @@ def _pairs(study: Study):
   for (judge, system, opponent, item), verdicts in sorted(both.items()):
     if len(verdicts) == 2:
       rows.append((judge, judge, *orient(system, opponent), item,
-                   stats.both_orders(verdicts[0], verdicts[1])))
+                   stats.both_orders(verdicts[0], verdicts[1]), verdicts[0] != verdicts[1]))
   return rows
 
 
@@ -48,21 +49,26 @@ def gather(study: Study) -> dict:
   """Everything report.json holds."""
   seed = study.seed
   pairs = _pairs(study)
-  groups = {}
-  for _, source, system, opponent, _, verdict in pairs:
+  groups, disagree = {}, {}
+  for _, source, system, opponent, _, verdict, differ in pairs:
     groups.setdefault((system, opponent, source), []).append(stats.outcome(system, verdict))
+    disagree.setdefault((system, opponent, source), []).append(differ)
   pairwise = []
-  for (system, opponent, source), outcomes in sorted(groups.items()):
+  for key, outcomes in sorted(groups.items()):
+    system, opponent, source = key
     share = stats.shares(outcomes)
+    differ = disagree[key]
     pairwise.append(dict(
         system=system, opponent=opponent, rater=source, n=len(outcomes), **share,
         equal_or_preferred=share["win"] + share["tie"],
+        # A judge's position bias: the share of pairs whose two orders disagreed (ties).
+        orders_disagree=None if differ[0] is None else sum(differ) / len(differ),
         win_ci=stats.share_interval(outcomes, "win", seed=seed),
         tie_ci=stats.share_interval(outcomes, "tie", seed=seed),
         loss_ci=stats.share_interval(outcomes, "loss", seed=seed)))
   shared = {it["item"] for it in study.items() if it["shared"]}
   labels = {}
-  for rater, _, system, opponent, item, verdict in pairs:
+  for rater, _, system, opponent, item, verdict, _ in pairs:
     if item in shared:
       labels.setdefault(rater, {})[(system, opponent, item)] = verdict
   raters = sorted(labels)
@@ -143,10 +149,12 @@ def tables(data: dict) -> dict[str, tuple[list[str], list[list[str]]]]:
   """name -> (headers, rows of text): what both pages show under each chart."""
   return {
       "pairwise": (["system", "opponent", "rater", "n", "win", "tie", "loss",
-                    "equal or preferred", "win 95% CI", "loss 95% CI"],
+                    "equal or preferred", "win 95% CI", "loss 95% CI", "orders disagree"],
                    [[r["system"], r["opponent"], r["rater"], str(r["n"]), _pct(r["win"]),
                      _pct(r["tie"]), _pct(r["loss"]), _pct(r["equal_or_preferred"]),
-                     _ci(r["win_ci"]), _ci(r["loss_ci"])] for r in data["pairwise"]]),
+                     _ci(r["win_ci"]), _ci(r["loss_ci"]),
+                     "-" if r["orders_disagree"] is None else _pct(r["orders_disagree"])]
+                    for r in data["pairwise"]]),
       "agreement": (["raters", "shared items", "tie-discounted accuracy"],
                     [[" / ".join(r["raters"]), str(r["n"]), _pct(r["tie_discounted_accuracy"])]
                      for r in data["agreement"]]),
