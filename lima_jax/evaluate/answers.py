@@ -107,7 +107,7 @@ def generate(study_dir: str, source, *, name: str, samples: int, seed: int,
                          data_dir=prepared_dir(study_dir), context=loaded.context,
                          what="the study's prompts")
   section = dict(loaded.generate, **({"max_tokens": max_tokens} if max_tokens else {}))
-  generator = Generator(loaded.trainer, loaded.tokenizer.eot_id, section["batch_size"])
+  generator = Generator(loaded.trainer, loaded.tokenizer.stop_ids, section["batch_size"])
   folder = os.path.join(study_dir, "generated")
   os.makedirs(folder, exist_ok=True)
   paths = []
