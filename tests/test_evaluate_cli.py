@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from tests.test_evaluate_helpers import (database, evaluate, make_study, write_generations,
+from tests.evaluate_helpers import (database, evaluate, make_study, write_generations,
                                         write_prompts)
 
 PROMPTS = ["Write a haiku about rain.", "What is 2 + 2?", "Explain photosynthesis briefly."]

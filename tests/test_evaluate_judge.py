@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse
 
 from lima_jax.evaluate import protocol
 from serve_process import Server  # tests/: the serving tests' real server process
-from tests.test_evaluate_helpers import ENV, ROOT, database, evaluate, free_port, make_study
+from tests.evaluate_helpers import ENV, ROOT, database, evaluate, free_port, make_study
 
 N = 6
 PROMPTS = [f"Question number {i}: how do I do thing {i}?" for i in range(N)]

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from tests.test_evaluate_helpers import (database, evaluate, free_port, make_study, start_module,
+from tests.evaluate_helpers import (database, evaluate, free_port, make_study, start_module,
                                         stop)
 
 webdriver = pytest.importorskip("selenium.webdriver")
