@@ -129,7 +129,8 @@ table{border-collapse:collapse} td,th{border:1px solid #ccc;padding:4px 8px;text
 .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(280px,1fr));gap:8px;
 margin-top:8px}
 .cell{border:1px solid #ccc;padding:6px 10px;background:#fafafa;min-width:0}
-.chosen{border-color:#2ca02c;box-shadow:0 0 0 1px #2ca02c} .meta{color:#666;font-size:12px} .cell>.meta{display:block}
+.chosen{border-color:#2ca02c;box-shadow:0 0 0 1px #2ca02c}
+.meta{color:#666;font-size:12px} .cell>.meta{display:block}
 .answer pre{overflow-x:auto;background:#f0f0f0;padding:6px} .answer{overflow-wrap:anywhere}
 code{background:#f0f0f0;padding:1px 3px}
 """
