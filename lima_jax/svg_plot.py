@@ -44,9 +44,10 @@ def tick_labels(values: list[float]) -> list[str]:
   if not values:
     return []
   biggest = max(abs(v) for v in values)
-  if biggest >= 1e5 or 0 < biggest < 1e-3:
-    return [f"{v:.2e}" for v in values]
   step = min((abs(b - a) for a, b in zip(values, values[1:])), default=0) or biggest or 1
+  if biggest >= 1e5 or 0 < biggest < 1e-3:  # 5.0e-05, 4.5e-05: the mantissa to the step's digit
+    digits = max(0, math.floor(math.log10(biggest)) - math.floor(math.log10(step) + 1e-9))
+    return [f"{v:.{digits}e}" for v in values]
   decimals = max(0, -math.floor(math.log10(step) + 1e-9))
   return [f"{v:.{decimals}f}" for v in values]
 
