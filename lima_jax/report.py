@@ -131,7 +131,7 @@ margin-top:8px}
 .cell{border:1px solid #ccc;padding:6px 10px;background:#fafafa;min-width:0}
 .chosen{border-color:#2ca02c;box-shadow:0 0 0 1px #2ca02c}
 .meta{color:#666;font-size:12px} .cell>.meta{display:block}
-.answer pre{overflow-x:auto;background:#f0f0f0;padding:6px} .answer{overflow-wrap:anywhere}
+.answer pre{white-space:pre-wrap;background:#f0f0f0;padding:6px} .answer{overflow-wrap:anywhere}
 code{background:#f0f0f0;padding:1px 3px}
 """
 
