@@ -13,6 +13,7 @@ import re
 from lima_jax import markdown
 from lima_jax.svg_plot import Series, svg_plot
 
+
 @dataclasses.dataclass
 class Run:
   """What the report shows, as `lima_jax.select` gathers it from a workdir."""

@@ -17,6 +17,7 @@ _SWATCH = 26  # px: the legend's line sample and the gap after it
 
 @dataclasses.dataclass(frozen=True)
 class Series:
+  """One curve: its legend name, (x, y) points (non-finite y skipped), dots at each point."""
   name: str
   points: list[tuple[float, float]]
   dots: bool = False
