@@ -8,7 +8,7 @@ import re
 import sys
 
 import ml_collections
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
 from lima_jax import config
@@ -113,8 +113,11 @@ def _define_config_flag():
   # ml_collections applies `--config.x=...` overrides of the default file while defining the
   # flag, so an unknown key surfaces here.
   try:
-    return config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Training config file.",
-                                           lock_config=True)
+    return config_flags.DEFINE_config_file(
+        "config", DEFAULT_CONFIG, "Config file: a Python file whose get_config() returns an "
+        "ml_collections ConfigDict (configs/*.py). Override any of its keys with "
+        "--config.KEY=VALUE, e.g. --config.train.epochs=3; --show_config lists the keys.",
+        lock_config=True)
   except (AttributeError, KeyError) as e:
     _unknown_config_key(e)
 
@@ -140,8 +143,28 @@ def default_workdir(config_path: str) -> str:
   return os.path.join("workdir", os.path.splitext(os.path.basename(config_path))[0])
 
 
+# absl's help flags, and -h as argparse's commands (convert, generate, select) take it.
+_HELP_FLAGS = {"h": True, "?": True, "help": True, "helpshort": True, "helpfull": False}
+
+
+def _help(argv) -> None:
+  """--help and its kin print the command's docstring and its flags (the command's own, and
+  the ones it declares key, such as --config) on stdout and exit 0, as the argparse commands
+  do; absl's own help flags exit 1."""
+  for arg in argv[1:]:
+    if arg == "--":
+      return
+    if arg.startswith("-") and arg.lstrip("-") in _HELP_FLAGS:
+      short = _HELP_FLAGS[arg.lstrip("-")]
+      app.usage(shorthelp=short, writeto_stdout=True)
+      if short:
+        print("Try --helpfull to get a list of all flags.")
+      sys.exit(0)
+
+
 def parse_flags(argv):
-  """absl's parser, with bad flags reported as one line."""
+  """absl's parser, with bad flags reported as one line and --help exiting 0."""
+  _help(argv)
   for arg in argv[1:]:
     # ml_collections loads the file while parsing overrides and fails with a page of text.
     if arg.startswith("--config=") and not os.path.isfile(arg.split("=", 1)[1]):

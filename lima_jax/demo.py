@@ -35,6 +35,11 @@ from lima_jax import config_cli, convert, fetch, run_files, select, train
 from lima_jax.cli import fail, quiet_logs
 from lima_jax.errors import LimaError
 
+for _name in ("config", "workdir", "show_config"):  # the flags the demo reads, for --help
+  flags.declare_key_flag(_name)
+if __name__ == "__main__":  # --help shows the demo's default config (argv names it already)
+  flags.FLAGS.set_default("config", CONFIG)
+
 
 def prepare_weights() -> str:
   """The imported SmolLM2 (fetched and converted the first time); returns its directory. The

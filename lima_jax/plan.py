@@ -68,6 +68,8 @@ _COMPILE = flags.DEFINE_float(
 _DEV = flags.DEFINE_integer("dev_prompts", _DEFAULTS.dev_prompts,
                             "Dev prompts generated at each of eval.generate_epochs and scored "
                             "every epoch (LIMA: 50); 0 = no dev set.")
+for _name in ("config", "show_config"):  # lima_jax.config_cli's flags, listed by --help
+  flags.declare_key_flag(_name)
 
 
 def plan_run(cfg, topo: topology.Topology, *, num_examples: int | None = None,

@@ -1,16 +1,17 @@
 """The selection report: one self-contained HTML page and its Markdown twin.
 
-Dev generations of every epoch side by side, the loss, perplexity and learning-rate curves as
-inline SVG (no plotting library, nothing to fetch), and the commands that export an epoch.
+Dev generations of every epoch beside each dev prompt, the loss, perplexity and learning-rate
+curves as inline SVG (`lima_jax.svg_plot`), and the commands that export an epoch. Answers are
+untrusted text: the page renders their Markdown with `lima_jax.markdown.to_html`, the renderer
+every page of ours shows answers with.
 """
 
 import dataclasses
 import html
-import math
 import re
 
-_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")
-_W, _H, _LEFT, _RIGHT, _TOP, _BOTTOM = 560, 280, 64, 16, 30, 40
+from lima_jax import markdown
+from lima_jax.svg_plot import Series, svg_plot
 
 
 @dataclasses.dataclass
@@ -22,77 +23,6 @@ class Run:
   generations: dict[int, list[dict]]  # epoch -> generation records
   kept: dict[int, str]  # epoch -> where its params are
   chosen: dict | None
-
-
-@dataclasses.dataclass(frozen=True)
-class Series:
-  name: str
-  points: list[tuple[float, float]]
-  dots: bool = False
-
-
-def _ticks(low: float, high: float, count: int = 5) -> list[float]:
-  """Round tick values (steps of 1, 2 or 5 times a power of ten) covering [low, high]."""
-  if high <= low:
-    return [low]
-  raw = (high - low) / count
-  power = 10 ** math.floor(math.log10(raw))
-  step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
-  first = math.ceil(low / step) * step
-  return [first + i * step for i in range(int((high - first) / step + 1e-9) + 1)]
-
-
-def _fmt(value: float) -> str:
-  return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.2e}"
-
-
-def svg_plot(title: str, xlabel: str, series: list[Series]) -> str:
-  """A line chart with axes, ticks and a legend, as an <svg> element."""
-  points = [p for s in series for p in s.points if math.isfinite(p[1])]
-  if not points:
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{_W}" height="60" role="img">'
-            f'<title>{html.escape(title)}</title><text x="10" y="35">{html.escape(title)}: '
-            'no data yet</text></svg>')
-  x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
-  y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
-  if x1 == x0:
-    x0, x1 = x0 - 1, x1 + 1
-  pad = (y1 - y0) * 0.05 or abs(y0) * 0.05 or 1.0
-  y0, y1 = y0 - pad, y1 + pad
-  sx = lambda x: _LEFT + (x - x0) / (x1 - x0) * (_W - _LEFT - _RIGHT)
-  sy = lambda y: _H - _BOTTOM - (y - y0) / (y1 - y0) * (_H - _TOP - _BOTTOM)
-  out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{_W}" height="{_H}" '
-         f'viewBox="0 0 {_W} {_H}" role="img" font-family="sans-serif" font-size="11">',
-         f"<title>{html.escape(title)}</title>",
-         f'<text x="{_W / 2}" y="16" text-anchor="middle" font-size="13">'
-         f"{html.escape(title)}</text>",
-         f'<rect x="{_LEFT}" y="{_TOP}" width="{_W - _LEFT - _RIGHT}" '
-         f'height="{_H - _TOP - _BOTTOM}" fill="none" stroke="#999"/>']
-  for y in _ticks(y0, y1):
-    out.append(f'<line x1="{_LEFT}" x2="{_W - _RIGHT}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" '
-               f'stroke="#eee"/><text x="{_LEFT - 4}" y="{sy(y) + 4:.1f}" '
-               f'text-anchor="end">{_fmt(y)}</text>')
-  for x in _ticks(x0, x1):
-    out.append(f'<text x="{sx(x):.1f}" y="{_H - _BOTTOM + 14}" '
-               f'text-anchor="middle">{_fmt(x)}</text>')
-  out.append(f'<text x="{_W / 2}" y="{_H - 6}" text-anchor="middle">{html.escape(xlabel)}</text>')
-  legend = (f'<rect x="{_W - _RIGHT - 155}" y="{_TOP + 2}" width="153" '
-            f'height="{14 * len(series) + 6}" fill="white" fill-opacity="0.85"/>')
-  for i, s in enumerate(series):
-    color = _COLORS[i % len(_COLORS)]
-    xy = [(sx(x), sy(y)) for x, y in s.points if math.isfinite(y)]
-    if len(xy) > 1:
-      path = " ".join(f"{x:.1f},{y:.1f}" for x, y in xy)
-      out.append(f'<polyline class="series" data-name="{html.escape(s.name)}" fill="none" '
-                 f'stroke="{color}" stroke-width="1.5" points="{path}"/>')
-    if s.dots or len(xy) == 1:
-      out += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{color}"/>' for x, y in xy]
-    ly = _TOP + 14 + 14 * i
-    legend += (f'<line x1="{_W - _RIGHT - 150}" x2="{_W - _RIGHT - 130}" y1="{ly - 4}" '
-               f'y2="{ly - 4}" stroke="{color}" stroke-width="2"/><text '
-               f'x="{_W - _RIGHT - 125}" y="{ly}">{html.escape(s.name)}</text>')
-  out += [legend, "</svg>"]  # drawn last: on top of the curves
-  return "\n".join(out)
 
 
 def _points(records: list[dict], x: str, y: str) -> list[tuple[float, float]]:
@@ -119,17 +49,27 @@ def commands(run: Run, epoch: int | str = "E") -> list[str]:
           f"--prompts=PROMPTS.jsonl --out=answers.jsonl"]
 
 
+# Fixed decimals per column, so 2.000 never prints as "2" and the column lines up: losses in
+# nats to 3 decimals, perplexities to 2 (as `python -m lima_jax.demo` prints them).
+DECIMALS = {"loss": 3, "dev_loss": 3, "dev_perplexity": 2}
+
+
+def number(record: dict, key: str) -> str:
+  """record[key] with the key's fixed decimals (DECIMALS); "-" when absent."""
+  value = record.get(key)
+  return f"{value:.{DECIMALS[key]}f}" if isinstance(value, (int, float)) else "-"
+
+
 def _epoch_rows(run: Run) -> list[list[str]]:
   """Per epoch with anything to show: epoch, step, losses, perplexity, generations, params."""
   summary = {e["epoch"]: e for e in run.epochs}
   numbers = sorted(set(summary) | set(run.generations) | set(run.kept))
   chosen = (run.chosen or {}).get("epoch")
-  num = lambda e, k: _fmt(e[k]) if isinstance(e.get(k), (int, float)) else "-"
   rows = []
   for n in numbers:
     e = summary.get(n, {})
     rows.append([f"{_label(n)} (chosen)" if n == chosen else _label(n), str(e.get("step", "-")),
-                 num(e, "loss"), num(e, "dev_loss"), num(e, "dev_perplexity"),
+                 number(e, "loss"), number(e, "dev_loss"), number(e, "dev_perplexity"),
                  str(len(run.generations.get(n, []))), run.kept.get(n, "not kept")])
   return rows
 
@@ -151,16 +91,49 @@ def prompts_by_line(run: Run) -> list[tuple[dict, dict[int, dict]]]:
   return [(prompts[line], answers[line]) for line in sorted(prompts)]
 
 
+def lowest_dev_loss(run: Run) -> int | None:
+  """The generated epoch with the lowest dev loss (None without one)."""
+  dev = {e["epoch"]: e["dev_loss"] for e in run.epochs
+         if e.get("epoch") in run.generations and isinstance(e.get("dev_loss"), (int, float))}
+  return min(dev, key=dev.get) if dev else None
+
+
+# A run can generate at many epochs (45, say); a row of 45 answers per prompt is unreadable and
+# hid the chosen epoch far to the right. So the page opens on a few epochs, the ones a reader
+# compares first: the chosen one, the lowest dev loss, the first and the last of the selection
+# window; one epoch picker for the whole page adds or removes epochs, every prompt alike, since
+# LIMA's selection compares epochs across all prompts. The shown answers wrap onto rows that
+# fit the window, never scrolled sideways. The picker is plain checkboxes with one CSS rule
+# per epoch (:has), no script: without :has support every answer shows.
+SHOWN_AT_START = 4
+
+
+def shown_at_start(run: Run) -> list[int]:
+  """The generated epochs the page shows before the reader picks (all when at most
+  SHOWN_AT_START), ascending."""
+  generated = sorted(run.generations)
+  if len(generated) <= SHOWN_AT_START:
+    return generated
+  picks = {(run.chosen or {}).get("epoch"), lowest_dev_loss(run), generated[0], generated[-1]}
+  return sorted(picks & set(generated))
+
+
 _CSS = """
-body{font-family:sans-serif;margin:24px;color:#222} table{border-collapse:collapse}
-td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}
-.plots{display:flex;flex-wrap:wrap;gap:12px}
+body{font-family:sans-serif;margin:24px;color:#222;line-height:1.4}
+table{border-collapse:collapse} td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}
+#epochs td.num{text-align:right;font-variant-numeric:tabular-nums}
+.plots{display:flex;flex-wrap:wrap;gap:12px} figure{margin:0}
+.picker{border:1px solid #ccc;padding:6px 10px;margin:8px 0}
+.picker label{display:inline-block;margin:2px 10px 2px 0;white-space:nowrap}
 .prompt{margin:24px 0;border-top:2px solid #888;padding-top:8px}
-.grid{display:grid;grid-auto-flow:column;grid-auto-columns:minmax(300px,1fr);gap:8px;
-overflow-x:auto}
-.cell{border:1px solid #ccc;padding:6px;background:#fafafa} .chosen{border:2px solid #2ca02c}
-.text{white-space:pre-wrap;font-family:inherit;margin:4px 0} .meta{color:#666;font-size:12px}
-code{background:#f0f0f0;padding:2px 4px}
+.question{background:#eef3f8;padding:2px 10px;border-left:4px solid #1f77b4}
+.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(280px,1fr));gap:8px;
+margin-top:8px}
+.cell{border:1px solid #ccc;padding:6px 10px;background:#fafafa;min-width:0}
+.chosen{border-color:#2ca02c;box-shadow:0 0 0 1px #2ca02c}
+.meta{color:#666;font-size:12px} .cell>.meta{display:block}
+.answer pre{white-space:pre-wrap;background:#f0f0f0;padding:6px} .answer{overflow-wrap:anywhere}
+code{background:#f0f0f0;padding:1px 3px}
 """
 
 
@@ -168,11 +141,40 @@ def _esc(text) -> str:
   return html.escape(str(text))
 
 
+def _picker_css(epochs: list[int]) -> str:
+  return "".join(f'body:has(#show-{e}:not(:checked)) .cell[data-epoch="{e}"]{{display:none}}'
+                 for e in epochs)
+
+
+def _picker(run: Run) -> list[str]:
+  """The epoch checkboxes above the dev generations; see SHOWN_AT_START."""
+  chosen, best = (run.chosen or {}).get("epoch"), lowest_dev_loss(run)
+  shown = set(shown_at_start(run))
+  labels = []
+  for e in sorted(run.generations):
+    notes = [n for n, hit in (("chosen", e == chosen), ("lowest dev loss", e == best)) if hit]
+    note = f" ({', '.join(notes)})" if notes else ""
+    labels.append(f'<label><input type="checkbox" id="show-{e}"{" checked" * (e in shown)}> '
+                  f'{_esc(_label(e) + note)}</label>')
+  return ['<fieldset class="picker" id="epoch-picker"><legend>Epochs shown beside each prompt '
+          f'({len(run.generations)} generated)</legend>', *labels, "</fieldset>"]
+
+
+def _card(epoch: int, record: dict, summary: dict, chosen) -> str:
+  mark = " chosen" if epoch == chosen else ""
+  dev = f", dev loss {number(summary, 'dev_loss')}" if "dev_loss" in summary else ""
+  return (f'<div class="cell{mark}" data-epoch="{epoch}"><b>Epoch {_esc(_label(epoch))}'
+          f'{" (chosen)" if mark else ""}</b> <span class="meta">{record["tokens"]} tokens, '
+          f'stopped at {_esc(record["stopped"])}{dev}</span><div class="answer">'
+          f'{markdown.to_html(record["generation"])}</div></div>')
+
+
 def render_html(run: Run) -> str:
   chosen = (run.chosen or {}).get("epoch")
   parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           '<meta name="viewport" content="width=device-width, initial-scale=1">',
            f"<title>LIMA checkpoint selection: {_esc(run.workdir)}</title>",
-           f"<style>{_CSS}</style></head><body>",
+           f"<style>{_CSS}{_picker_css(sorted(run.generations))}</style></head><body>",
            f"<h1>Checkpoint selection for <code>{_esc(run.workdir)}</code></h1>",
            "<p>LIMA chose its checkpoint by reading dev-set generations, not by perplexity. "
            "Read the answers below, then export the epoch you prefer:</p>",
@@ -180,31 +182,31 @@ def render_html(run: Run) -> str:
   if chosen is not None:
     parts.append(f"<p><b>Chosen: epoch {_esc(chosen)}</b>, exported to "
                  f"<code>{_esc(run.chosen.get('export', ''))}</code>.</p>")
+  numeric = {2, 3, 4}  # columns of _HEADERS aligned right
   parts.append('<h2>Epochs</h2><table id="epochs"><tr>' +
                "".join(f"<th>{h}</th>" for h in _HEADERS) + "</tr>")
-  parts += ["<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in row) + "</tr>"
-            for row in _epoch_rows(run)]
+  parts += ["<tr>" + "".join(f'<td{" class=num" * (i in numeric)}>{_esc(c)}</td>'
+                             for i, c in enumerate(row)) + "</tr>" for row in _epoch_rows(run)]
   parts.append('</table><h2>Curves</h2><div class="plots">')
   parts += [f'<figure id="plot-{name}">{svg}</figure>' for name, svg in plots(run).items()]
   parts.append("</div><h2>Dev generations</h2>")
+  if run.generations:
+    parts += _picker(run)
+  summary = {e["epoch"]: e for e in run.epochs}
   for prompt, answers in prompts_by_line(run):
-    parts.append(f'<div class="prompt"><h3>Line {prompt["line"]} '
-                 f'<span class="meta">{_esc(prompt.get("source", ""))}</span></h3>')
+    parts.append(f'<div class="prompt" id="line-{prompt["line"]}"><h3>Line {prompt["line"]} '
+                 f'<span class="meta">{_esc(prompt.get("source", ""))} · '
+                 '<a href="#epoch-picker">epochs shown</a></span></h3>')
     for i, turn in enumerate(prompt.get("history", [])):
       parts.append(f'<p class="meta">{"user" if i % 2 == 0 else "assistant"}:</p>'
-                   f'<div class="text">{_esc(turn)}</div>')
-    parts.append(f'<div class="text"><b>{_esc(prompt["prompt"])}</b></div>')
+                   f'<div class="answer">{markdown.to_html(turn)}</div>')
+    parts.append(f'<div class="question">{markdown.to_html(prompt["prompt"])}</div>')
     if prompt.get("reference"):
-      parts.append(f'<details><summary>reference answer</summary><div class="text">'
-                   f'{_esc(prompt["reference"])}</div></details>')
+      parts.append(f'<details><summary>reference answer</summary><div class="answer">'
+                   f'{markdown.to_html(prompt["reference"])}</div></details>')
     parts.append('<div class="grid">')
-    for epoch, record in sorted(answers.items()):
-      mark = " chosen" if epoch == chosen else ""
-      parts.append(f'<div class="cell{mark}" data-epoch="{epoch}">'
-                   f'<b>Epoch {_esc(_label(epoch))}</b> '
-                   f'<span class="meta">{record["tokens"]} tokens, stopped at '
-                   f'{_esc(record["stopped"])}</span><div class="text">'
-                   f'{_esc(record["generation"])}</div></div>')
+    parts += [_card(epoch, record, summary.get(epoch, {}), chosen)
+              for epoch, record in sorted(answers.items())]
     parts.append("</div></div>")
   parts.append("</body></html>\n")
   return "\n".join(parts)

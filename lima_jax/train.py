@@ -37,6 +37,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, met
 _MULTIHOST = flags.DEFINE_boolean(
     "multihost", None, "Join the other processes of a multi-host run (jax.distributed). "
     "Default: when JAX_COORDINATOR_ADDRESS is set or on a Cloud TPU VM.")
+for _name in ("config", "show_config"):  # lima_jax.config_cli's flags, listed by --help
+  flags.declare_key_flag(_name)
 
 
 # The model's shape: with init_from these come from the weights, not from the config.

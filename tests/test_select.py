@@ -5,12 +5,13 @@ import html.parser
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-from lima_jax import config, generate, run_files, select, train
+from lima_jax import config, generate, markdown, run_files, select, train
 from lima_jax.decoding import Decoding
 from lima_jax.prompts import read_jsonl
 
@@ -82,22 +83,24 @@ def test_select_writes_a_report_of_every_epoch_with_plots(workdir):
   assert proc.returncode == 0, proc.stderr
   report = _Report()
   with open(os.path.join(workdir, "report.html"), encoding="utf-8") as f:
-    report.feed(f.read())
+    page = f.read()
+  report.feed(page)
   text = "".join(report.text)
   words = " ".join(text.split())  # HTML turns carriage returns into newlines
   generations = {e: read_jsonl(run_files.generations_path(workdir, e)) for e in (1, 2, 3)}
   prompts = len(generations[1])
   assert sorted(report.cells) == sorted([1, 2, 3] * prompts)  # side by side, per prompt
   for records in generations.values():
-    for record in records:
-      assert " ".join(record["generation"].split()) in words and record["prompt"] in text
+    for record in records:  # each answer shown as the one renderer renders it
+      assert markdown.to_html(record["generation"]) in page
+      assert " ".join(record["prompt"].split()) in words
   assert report.svgs == 3
   assert {"train loss (step)", "train loss (epoch mean)", "dev loss", "dev perplexity",
           "lr"} <= set(report.series)
   assert f"python -m lima_jax.select --workdir={workdir} --choose=E" in text
   with open(os.path.join(workdir, "report.md"), encoding="utf-8") as f:
-    markdown = f.read()
-  assert markdown.count("**Epoch 3") == prompts and "![loss](report_loss.svg)" in markdown
+    twin = f.read()
+  assert twin.count("**Epoch 3") == prompts and "![loss](report_loss.svg)" in twin
   assert os.path.isfile(os.path.join(workdir, "report_loss.svg"))
 
 
@@ -251,3 +254,101 @@ def test_epoch_zero_shows_the_starting_params(tmp_path):
   with open(os.path.join(workdir, "report.md"), encoding="utf-8") as f:
     report = f.read()
   assert "**Epoch 0 (before training)**" in report and "**Epoch 1**" in report
+
+
+# The report as a reader sees it: one headless Chromium for the module's browser tests.
+HOSTILE = ("**bold** and `code`\n\n<script>window.ran = 'script'</script>\n\n"
+           "<img src=x onerror=\"window.ran = 'onerror'\">\n\n[click](javascript:window.ran=1)")
+
+
+@pytest.fixture(scope="module")
+def browser():
+  webdriver = pytest.importorskip("selenium.webdriver")
+  from selenium.webdriver.chrome.service import Service  # pylint: disable=import-outside-toplevel
+  options = webdriver.ChromeOptions()
+  for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,900"):
+    options.add_argument(arg)
+  options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+  driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+  yield driver
+  driver.quit()
+
+
+def _open(driver, path):
+  driver.get("file://" + path)
+  driver.get_log("browser")  # console messages so far; those of this page come next
+  driver.refresh()
+  return [m for m in driver.get_log("browser") if m["level"] in ("SEVERE", "WARNING")]
+
+
+def _copy_run(workdir, tmp_path, epochs_rows):
+  """The module's run without its checkpoints, its epochs.jsonl replaced by epochs_rows."""
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("checkpoints", "export*"))
+  (copy / "epochs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in epochs_rows))
+  (copy / "chosen.json").unlink(missing_ok=True)
+  return copy
+
+
+def test_report_in_chromium_renders_markdown_and_runs_nothing(workdir, tmp_path, browser):
+  """An answer's Markdown renders (bold, code), its HTML shows as text and runs nothing, the
+  epoch table prints fixed decimals (2.000, not 2), and each plot's legend lies below the plot
+  area, not over the dev-loss curve."""
+  _, epochs = run_files.read_metrics(workdir)
+  epochs = [dict(e, dev_loss=2.0, dev_perplexity=7.0) if e["epoch"] == 2 else e for e in epochs]
+  run = _copy_run(workdir, tmp_path, epochs)
+  path = run / "generations" / "epoch_2.jsonl"
+  records = read_jsonl(str(path))
+  records[0]["generation"] = HOSTILE
+  write(path, [json.dumps(r) for r in records])
+  assert cli("select", f"--workdir={run}").returncode == 0
+  assert _open(browser, str(run / "report.html")) == []  # no console error or warning
+  assert browser.execute_script("return window.ran === undefined")
+  cell = browser.find_element("css selector", f'#line-{records[0]["line"]} [data-epoch="2"]')
+  assert cell.find_element("css selector", ".answer strong").text == "bold"
+  assert cell.find_element("css selector", ".answer code").text == "code"
+  assert cell.find_elements("css selector", "script, img, a[href^='javascript']") == []
+  assert "<script>window.ran = 'script'</script>" in cell.text and "<img src=x" in cell.text
+  rows = {r[0]: r for r in (
+      [td.text for td in tr.find_elements("tag name", "td")]
+      for tr in browser.find_elements("css selector", "#epochs tr")) if r}
+  assert rows["2"][3:5] == ["2.000", "7.00"]  # dev loss, dev perplexity
+  assert rows["1"][2] == f'{epochs[0]["loss"]:.3f}'
+  for figure in browser.find_elements("css selector", "figure"):
+    frame = figure.find_elements("css selector", "rect.frame")
+    if frame:  # a plot with data
+      legend = figure.find_element("css selector", "g.legend")
+      assert legend.rect["y"] >= frame[0].rect["y"] + frame[0].rect["height"], figure.text
+
+
+def test_report_with_many_epochs_opens_on_a_few_and_the_picker_adds_more(workdir, tmp_path,
+                                                                          browser):
+  """45 generated epochs: each prompt used to be a row of 45 answers scrolled sideways, with the
+  chosen epoch far out of view. The page opens on the chosen epoch, the lowest dev loss, the
+  first and the last, wrapped to the window; the epoch picker shows any other epoch."""
+  many, chosen, best = 45, 42, 30
+  epochs = [{"epoch": e, "step": 3 * e, "loss": 3.0 - e / 100,
+             "dev_loss": 2.0 + abs(e - best) / 100, "dev_perplexity": 8.0}
+            for e in range(1, many + 1)]
+  run = _copy_run(workdir, tmp_path, epochs)
+  first = (run / "generations" / "epoch_1.jsonl").read_text()
+  for e in range(4, many + 1):
+    (run / "generations" / f"epoch_{e}.jsonl").write_text(first)
+  run_files.write_choice(str(run), {"epoch": chosen, "step": 3 * chosen, "export": "x"})
+  assert cli("select", f"--workdir={run}").returncode == 0
+  assert _open(browser, str(run / "report.html")) == []
+  width = browser.execute_script("return document.documentElement.clientWidth")
+  assert browser.execute_script("return document.documentElement.scrollWidth") <= width
+  line = read_jsonl(str(run / "generations" / "epoch_1.jsonl"))[0]["line"]
+  visible = lambda: {int(c.get_attribute("data-epoch")): c for c in browser.find_elements(
+      "css selector", f"#line-{line} .cell") if c.is_displayed()}
+  cells = visible()
+  assert sorted(cells) == [1, best, chosen, many]
+  assert "chosen" in cells[chosen].get_attribute("class")
+  box = cells[chosen].rect  # in the window, not scrolled out of view sideways
+  assert 0 <= box["x"] and box["x"] + box["width"] <= width
+  picker = browser.find_element("id", "epoch-picker")
+  assert "42 (chosen)" in picker.text and "30 (lowest dev loss)" in picker.text
+  browser.find_element("id", "show-7").click()
+  assert sorted(visible()) == [1, 7, best, chosen, many]
+  assert browser.execute_script("return document.documentElement.scrollWidth") <= width

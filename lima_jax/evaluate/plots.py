@@ -1,15 +1,15 @@
 """The evaluation report's charts as inline SVG, in the selection report's style (its colours,
-ticks and number format, `lima_jax.report`): Figure 1's stacked win / tie / loss bars with
+ticks and number format, `lima_jax.svg_plot`): Figure 1's stacked win / tie / loss bars with
 their intervals, and plain horizontal bars (helpfulness means, answer lengths)."""
 
 import html
 import math
 
-from lima_jax.report import _COLORS, _fmt, _ticks  # pylint: disable=protected-access
+from lima_jax.svg_plot import COLORS, tick_labels, ticks
 
 _W, _ROW, _LABEL, _RIGHT, _TOP, _BOTTOM = 640, 26, 230, 24, 42, 34
-STACK_COLORS = {"win": _COLORS[2], "tie": "#bbbbbb", "loss": _COLORS[1],
-                "fail": _COLORS[1], "pass": "#bbbbbb", "excellent": _COLORS[2]}
+STACKCOLORS = {"win": COLORS[2], "tie": "#bbbbbb", "loss": COLORS[1],
+                "fail": COLORS[1], "pass": "#bbbbbb", "excellent": COLORS[2]}
 
 
 def _frame(title: str, rows: int) -> tuple[list[str], int]:
@@ -22,10 +22,11 @@ def _frame(title: str, rows: int) -> tuple[list[str], int]:
 
 
 def _axis(out: list[str], height: int, low: float, high: float, sx, label: str) -> None:
-  for x in _ticks(low, high):
+  values = ticks(low, high)
+  for x, text in zip(values, tick_labels(values)):
     out.append(f'<line x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{_TOP}" y2="{height - _BOTTOM}" '
                f'stroke="#eee"/><text x="{sx(x):.1f}" y="{height - _BOTTOM + 14}" '
-               f'text-anchor="middle">{_fmt(x)}</text>')
+               f'text-anchor="middle">{text}</text>')
   out.append(f'<text x="{(_LABEL + _W - _RIGHT) / 2}" y="{height - 6}" '
              f'text-anchor="middle">{_esc(label)}</text>')
 
@@ -49,7 +50,7 @@ def stacked(title: str, rows: list[dict], segments: tuple[str, ...],
       share = row[name]
       out.append(f'<rect class="bar" data-row="{_esc(row["label"])}" data-segment="{name}" '
                  f'x="{sx(start):.1f}" y="{y}" width="{sx(start + share) - sx(start):.1f}" '
-                 f'height="{_ROW - 8}" fill="{STACK_COLORS.get(name, _COLORS[0])}"/>')
+                 f'height="{_ROW - 8}" fill="{STACKCOLORS.get(name, COLORS[0])}"/>')
       if share >= 0.06:
         out.append(f'<text x="{(sx(start) + sx(start + share)) / 2:.1f}" y="{y + 13}" '
                    f'text-anchor="middle" fill="white">{share * 100:.0f}</text>')
@@ -87,7 +88,7 @@ def bars(title: str, xlabel: str, rows: list[dict], *, low: float | None = None,
     out.append(f'<text x="{_LABEL - 6}" y="{y + 13}" text-anchor="end">{_esc(row["label"])}'
                f'</text><rect class="bar" data-row="{_esc(row["label"])}" x="{sx(x0):.1f}" '
                f'y="{y}" width="{max(sx(row["value"]) - sx(x0), 0):.1f}" height="{_ROW - 8}" '
-               f'fill="{_COLORS[0]}"/>')
+               f'fill="{COLORS[0]}"/>')
     ci = row.get("ci")
     if ci and all(math.isfinite(v) for v in ci):
       mid = y + (_ROW - 8) / 2
@@ -103,7 +104,7 @@ def _legend(segments) -> str:
   for i, name in enumerate(segments):
     x = _LABEL + i * 90
     parts.append(f'<rect x="{x}" y="25" width="10" height="8" '
-                 f'fill="{STACK_COLORS.get(name, _COLORS[0])}"/><text x="{x + 14}" '
+                 f'fill="{STACKCOLORS.get(name, COLORS[0])}"/><text x="{x + 14}" '
                  f'y="33">{_esc(name)}</text>')
   return "".join(parts)
 
