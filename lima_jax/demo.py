@@ -41,22 +41,46 @@ if __name__ == "__main__":  # --help shows the demo's default config (argv names
   flags.FLAGS.set_default("config", CONFIG)
 
 
+# Bumped whenever the importer writes something new (2: the model's end ids as
+# generation_config.json, the GGUF's add_bos_token honoured), so an import cached by an older
+# lima_jax is redone rather than silently used.
+IMPORT_FORMAT = 2
+
+
 def prepare_weights() -> str:
-  """The imported SmolLM2 (fetched and converted the first time); returns its directory. The
-  import is written beside its final name and renamed when complete, so an interrupted one is
-  redone rather than used."""
+  """The imported SmolLM2 (fetched and converted the first time, or again when the cached
+  import predates `IMPORT_FORMAT`); returns its directory. The import is written beside its
+  final name and renamed when complete, so an interrupted one is redone rather than used, and
+  processes importing at once never share a file."""
   target = fetch.import_dir()
-  if os.path.isdir(os.path.join(target, "0")):
+  stamp = os.path.join(target, "import_format")
+  if os.path.isdir(os.path.join(target, "0")) and _read(stamp) == str(IMPORT_FORMAT):
     return target
   gguf_path = fetch.smollm2_gguf()
-  partial = target + ".partial"
+  partial = f"{target}.{os.getpid()}.partial"
   shutil.rmtree(partial, ignore_errors=True)
   started = time.perf_counter()
   fields = convert.import_gguf(gguf_path, partial)
-  os.replace(partial, target)
+  with open(os.path.join(partial, "import_format"), "w", encoding="utf-8") as f:
+    f.write(str(IMPORT_FORMAT))
+  if os.path.isdir(target) and _read(stamp) != str(IMPORT_FORMAT):
+    shutil.rmtree(target, ignore_errors=True)  # an older import, or a half-written one
+  try:
+    os.replace(partial, target)
+  except OSError:  # another process put a complete import there first
+    shutil.rmtree(partial, ignore_errors=True)
+    return target
   print(f"demo: imported {os.path.basename(gguf_path)} ({fields['n_layers']} layers, d_model "
         f"{fields['d_model']}) into {target} in {time.perf_counter() - started:.0f}s", flush=True)
   return target
+
+
+def _read(path: str) -> str:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return f.read().strip()
+  except OSError:
+    return ""
 
 
 def _summary(workdir: str) -> list[str]:

@@ -235,14 +235,8 @@ def test_rating_modes_and_cli_errors(study, endpoint):
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-  from lima_jax import fetch  # pylint: disable=import-outside-toplevel
-  model = fetch.import_dir()
-  if not os.path.isdir(model):
-    print(f"skipping the SmolLM2 tests: no import in {model} "
-          "(python -m lima_jax.demo or lima_jax.convert gguf-to-orbax makes it)")
-    pytest.skip(f"no SmolLM2-135M import in {model}")
-  return model
+def smollm2(smollm2_import):
+  return smollm2_import
 
 
 def test_add_generates_and_lima_jax_serve_judges(tmp_path, smollm2):

@@ -12,7 +12,6 @@ import pytest
 
 from lima_jax import sharding
 from lima_jax.decoding import Decoding, Generator
-from lima_jax.errors import LimaError
 from lima_jax.serve import loading
 from serve_process import Server
 
@@ -21,13 +20,8 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def weights():
-  from lima_jax import demo  # pylint: disable=import-outside-toplevel
-  try:
-    return demo.prepare_weights()
-  except LimaError as e:
-    print(f"skipping SmolLM2 serving tests: {e}")
-    pytest.skip(f"SmolLM2 weights unavailable: {e}")
+def weights(smollm2_import):
+  return smollm2_import
 
 
 @pytest.fixture(scope="module")
