@@ -12,7 +12,7 @@ import pytest
 from helpers import ROOT, final_params, run_and_kill, train_cli, tree_hashes
 from lima_jax import config, generate, lora, run_files, select, sharding, train
 from lima_jax.errors import LimaError
-from lima_jax.trained import ROWS, Trained, added_tokens
+from lima_jax.trained import ROWS, Trained, added_tokens, check_resumable
 
 # A tiny LoRA run: 2 epochs of 9 steps, an interval checkpoint every 2 steps (kills land near
 # checkpoint writes), adapter dropout on so the resumed run must repeat its masks too.
@@ -186,6 +186,18 @@ def test_a_rerun_with_other_adapters_or_base_is_refused_and_harms_nothing(refere
   with pytest.raises(LimaError, match=named):
     train.run(cfg, workdir)
   assert tree_hashes(os.path.join(workdir, "checkpoints")) == before
+
+
+def test_a_workdir_trained_with_other_token_rows_is_refused(reference):
+  """A LoRA workdir whose checkpoints recorded other trained rows (a run with a new EOT from
+  before the rows trained recorded none) is refused in one line; its own record resumes."""
+  workdir, _ = reference
+  saved = run_files.locate(workdir, epoch=2).meta
+  assert saved[ROWS] == [1000]
+  check_resumable(saved, saved, workdir)
+  with pytest.raises(LimaError, match=r"train the embedding rows of tokens \[\], this run "
+                                      r"would train those of \[1000\]"):
+    check_resumable({k: v for k, v in saved.items() if k != ROWS}, saved, workdir)
 
 
 def test_bad_lora_settings_name_their_key():
