@@ -173,7 +173,7 @@ def plan_run(cfg, topo: topology.Topology, *, num_examples: int | None = None,
       "bytes_per_device": used, "hbm_bytes_per_device": topo.hbm_bytes,
       # The state's parts on one device (arguments, as sharded): what LoRA changes.
       "state_bytes_per_device": {
-          "frozen_params": _device_bytes(trainer.frozen(params)),
+          "frozen_params": _device_bytes(trainer.frozen(params)) if trainer.uses_lora else 0,
           "trained_params": _device_bytes(trained),
           "opt_state": _device_bytes(trainer.abstract_state["opt_state"])},
       "fits": used <= topo.hbm_bytes,

@@ -142,7 +142,7 @@ class Trainer:
     return self.trained.part(params)
 
   def frozen(self, params):
-    """The frozen rest of a param tree: with LoRA the base, else nothing (`Trained.rest`)."""
+    """The base model's params of a param tree, all but the adapters (`Trained.rest`)."""
     return self.trained.rest(params)
 
   def joined(self, frozen, trainable):

@@ -104,9 +104,10 @@ class Trained:
     return out
 
   def rest(self, tree):
-    """The frozen rest of a param tree: with LoRA the base (the trained rows' old values in it),
-    else nothing."""
-    return lora.frozen(tree) if self.lora else {}
+    """The base model's params of a param tree: everything but the adapters (with LoRA the
+    frozen base, the trained rows' old values in it; without LoRA all of it trains, and `join`
+    takes the part alone)."""
+    return lora.frozen(tree)
 
   def join(self, rest, part):
     """The param tree of `rest` and `part` (a part without rows keeps the rest's rows)."""
