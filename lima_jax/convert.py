@@ -118,9 +118,10 @@ def export_hf(ckpt_dir: str, out_dir: str, *, step: int | None = None,
     raise LimaError(f"{ckpt_dir}: its tokenizer ({params.tokenizer_path}) is missing")
   fields, fetch = params.fields, params.host
   if params.lora_rank:  # the checkpoint holds adapters alone: merge them into the base
-    fields, tree = lora_export.merged(lora_export.kept_checkpoint(params), params)
+    # In the dtype asked for (default fp32), never rounded to a bf16 base's dtype on the way.
+    fields, tree = lora_export.merged(lora_export.kept_checkpoint(params), params, dtype)
     fetch = lora_export.fetcher(tree)
-  if dtype is None:  # keep the stored precision (a LoRA base's), so a round trip is exact
+  if dtype is None:  # keep the stored precision (a LoRA merge's: fp32), so a round trip is exact
     dtype = str(fetch("final_norm.scale").dtype)
   return hf.write_dir(out_dir, fields, fetch, tokenizer=tokenizer,
                       extras=params.extras, dtype=_DTYPES[dtype],
@@ -155,7 +156,8 @@ def _parser() -> argparse.ArgumentParser:
   sub.add_argument("source", metavar="CKPT_DIR")
   sub.add_argument("out", metavar="OUT_DIR")
   sub.add_argument("--step", type=int, help="checkpoint step of a workdir (default: latest)")
-  sub.add_argument("--dtype", choices=sorted(_DTYPES), help="default: as stored")
+  sub.add_argument("--dtype", choices=sorted(_DTYPES), help="default: as stored (a LoRA run's "
+                   "merged model: float32)")
   sub.add_argument("--shard-gb", type=float, default=5.0, help="safetensors shard size")
   sub.add_argument("--peft", action="store_true", help="a LoRA run: its adapters alone in "
                    "PEFT's format (adapter_model.safetensors + adapter_config.json) instead of "

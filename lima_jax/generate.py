@@ -19,7 +19,7 @@ import optax
 import tqdm
 from absl import logging
 
-from lima_jax import config, lora, run_files, sharding
+from lima_jax import config, run_files, sharding
 from lima_jax.cli import ArgumentParser, fail, quiet_logs, summary
 from lima_jax.data import ChatTokenizer, prepared_dir
 from lima_jax.decoding import Decoding, Generator
@@ -27,6 +27,7 @@ from lima_jax.errors import LimaError
 from lima_jax.model import LlamaConfig
 from lima_jax.prompts import generation_records, load_prompts, write_jsonl
 from lima_jax.train_state import Trainer
+from lima_jax.trained import Trained
 
 
 class EpochGenerations:
@@ -100,21 +101,22 @@ def open_kept(kept: run_files.Kept):
 
 def restore_kept(kept: run_files.Kept, source, *, base: bool = True):
   """(trainer, params on its mesh) for params found by `run_files.locate`; a LoRA run's
-  adapters joined to its base, loaded again from where the run loaded it (base=False: the
-  adapters alone). Raises LimaError when that base is gone."""
+  trained part (adapters, token rows) joined to its base, loaded again from where the run loaded
+  it (base=False: the trained part alone). Raises LimaError when that base is gone."""
   # The kernel that trained the model may not run here (splash on a TPU pod, generation on a GPU
   # or CPU): generation uses this machine's own.
   model_cfg = LlamaConfig(**dict(kept.meta["model"], attention="auto"))
   trainer = Trainer(model_cfg, optax.identity(),
-                    optax.constant_schedule(0.0), _mesh(kept.meta["config"]["mesh"]), 0)
+                    optax.constant_schedule(0.0), _mesh(kept.meta["config"]["mesh"]), 0,
+                    trained=Trained.recorded(kept.meta))
   abstract = trainer.abstract_state["params"]
   if not trainer.uses_lora:
     return trainer, source.restore(abstract)
   from lima_jax.weights import pretrained  # pylint: disable=import-outside-toplevel
-  adapters = source.restore(lora.adapters(abstract))
+  trained = source.restore(trainer.trainable(abstract))
   if not base:
-    return trainer, adapters
-  return trainer, lora.join(pretrained.lora_base(kept.meta, trainer), adapters)
+    return trainer, trained
+  return trainer, trainer.joined(pretrained.lora_base(kept.meta, trainer), trained)
 
 
 # Each flag's type and meaning; its default is the run's generate.<flag>.

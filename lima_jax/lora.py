@@ -2,7 +2,8 @@
 
 A targeted projection W computes x W + (alpha / rank) * dropout(x) A B, A [in, rank] and
 B [rank, out], with B starting at zero so the first step's model is the base model exactly
-(Hu et al. section 4.1). Only A and B train; the base weights, embedding and norms stay frozen.
+(Hu et al. section 4.1). A and B train, and the base weights, embedding and norms stay frozen
+but for the rows of tokens the run adds (`lima_jax.trained`, which says what trains).
 A starts uniform in +-1/sqrt(in), the Kaiming-uniform (a = sqrt(5)) of PEFT's `LoraLayer`, so
 our adapters start where PEFT's do. The matmuls are flax's `nnx.LoRA`.
 
@@ -205,20 +206,21 @@ def factors(params: dict, name: str) -> tuple:
   return pair["lora_a"], pair["lora_b"]
 
 
-def merged(params: dict, cfg) -> dict:
-  """The base params with every adapter folded in: W + (alpha / rank) A B per layer, computed
-  in fp32 and stored in W's dtype. `cfg` is the LlamaConfig that built `params`. Without
-  adapters the params come back as they are."""
+def merged(params: dict, cfg, dtype) -> dict:
+  """The base params with every adapter folded in, all in `dtype`: W + (alpha / rank) A B per
+  layer, computed in fp32 and rounded once, to `dtype` (rounding to a bf16 base's dtype first
+  would lose about a tenth of the adapters' effect on the logits of a small model). `cfg` is
+  the LlamaConfig that built `params`. Without adapters the params come back as they are."""
   if cfg.lora_rank <= 0:
     return params
-  out = frozen(params)
+  out = jax.tree.map(lambda x: x.astype(dtype), frozen(params))
   blocks = {module: dict(weights) for module, weights in out["blocks"].items()}
   for name in cfg.lora_targets:
     target = TARGETS[name]
     a, b = (x.astype(jnp.float32) for x in factors(params, name))
-    w = blocks[target.module][target.weight]
+    w = params["blocks"][target.module][target.weight]
     update = (cfg.lora_alpha / cfg.lora_rank) * jnp.einsum("lir,lro->lio", a, b)
     blocks[target.module][target.weight] = (w.astype(jnp.float32)
-                                            + update.reshape(w.shape)).astype(w.dtype)
+                                            + update.reshape(w.shape)).astype(dtype)
   out["blocks"] = blocks
   return out

@@ -1,19 +1,23 @@
 """What a LoRA run's kept params export as: the merged model, or the adapters for PEFT.
 
-A LoRA run's checkpoints and epoch exports hold the adapters alone. `merged` reloads the frozen
-base where the run loaded it (`generate.restore_kept`) and folds the adapters into it on the
-device (W + (alpha / rank) A B in fp32, `lora.merged`): the plain model that `convert
-orbax-to-hf` and `select --choose` write (HF or our params dir). `write_peft` writes the
-adapters alone in PEFT's format (`weights.peft`), for a base the user already has.
+A LoRA run's checkpoints and epoch exports hold what it trains alone (the adapters, and the rows
+of tokens it adds: `lima_jax.trained`). `merged` reloads the frozen base where the run loaded it
+(`generate.restore_kept`), puts the trained rows in and folds the adapters in on the device
+(W + (alpha / rank) A B computed in fp32 and rounded once to the export's dtype, fp32 unless
+asked: `lora.merged`): the plain model that `convert orbax-to-hf` and `select --choose` write (HF
+or our params dir). `write_peft` writes the trained part alone in PEFT's format (`weights.peft`),
+for a base the user already has.
 """
 
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lima_jax import generate, lora, run_files
 from lima_jax.errors import LimaError
+from lima_jax.trained import Trained
 from lima_jax.weights import hf, layout, peft
 
 
@@ -30,17 +34,23 @@ def is_lora(kept: run_files.Kept) -> bool:
   return kept.meta.get("model", {}).get("lora_rank", 0) > 0
 
 
-def merged(kept: run_files.Kept, source) -> tuple[dict, dict]:
+def merged(kept: run_files.Kept, source, dtype: str | None = None) -> tuple[dict, dict]:
   """(model fields, params on the mesh) of the kept params as one plain model: a LoRA run's
-  base with its adapters folded in, no adapter left; other runs' params as they are. Raises
-  LimaError when a LoRA run's base is gone."""
+  base with its trained rows and adapters folded in, no adapter left, every param in `dtype`
+  (default float32, the adapters' precision: merged into a bf16 base and rounded to bf16, about
+  a tenth of the adapters' effect on a small model's logits was lost); other runs' params as
+  they are. Raises LimaError when a LoRA run's base is gone."""
   trainer, params = generate.restore_kept(kept, source)
   fields = layout.model_fields(kept.meta["model"])  # no LoRA fields: a plain model
   if trainer.uses_lora:
-    # The base's buffers are donated (W + scale A B replaces W): the model is not held twice.
-    fold = jax.jit(lambda base, extra: lora.merged(lora.join(base, extra), trainer.model_cfg),
-                   donate_argnums=0, out_shardings=lora.frozen(trainer.state_shardings["params"]))
-    params = fold(lora.frozen(params), lora.adapters(params))
+    dtype = jnp.dtype(dtype or "float32")
+    # The base's buffers are donated when the merge keeps their dtype (W + scale A B replaces
+    # W): the model is not held twice.
+    same = all(x.dtype == dtype for x in jax.tree.leaves(trainer.frozen(params)))
+    fold = jax.jit(lambda p: lora.merged(p, trainer.model_cfg, dtype),
+                   donate_argnums=0 if same else (),
+                   out_shardings=trainer.frozen(trainer.state_shardings["params"]))
+    params = fold(params)
   return fields, params
 
 
@@ -55,21 +65,23 @@ def fetcher(params: dict):
 
 
 def write_peft(kept: run_files.Kept, source, out_dir: str, *, flag: str) -> list[str]:
-  """The adapters of a LoRA run's kept params in PEFT's format, with its tokenizer; the
-  embedding and LM head rows too when the run added a new EOT row (the base lacks it).
-  adapter_config.json names the base when init_from was an HF directory. Raises LimaError
-  naming `flag` for params without adapters."""
+  """The adapters of a LoRA run's kept params in PEFT's format, with its tokenizer; the whole
+  embedding and LM head too, trained rows included, when the run trained the rows of tokens it
+  added or added a new EOT row (the base lacks it). adapter_config.json names the base when
+  init_from was an HF directory. Raises LimaError naming `flag` for params without adapters."""
   if not is_lora(kept):
     raise LimaError(f"{flag}: {kept.directory} step {kept.number} holds a fully fine-tuned "
                     "model (lora.rank=0), no LoRA adapters; export it without " + flag)
   tokenizer = source.tokenizer()
   if tokenizer is None:
     raise LimaError(f"{kept.directory}: its tokenizer ({source.tokenizer_path}) is missing")
-  new_row = bool(kept.meta["tokenizer"].get("adds_eot"))
-  # The base is read only for its embedding rows, which a new EOT changes.
-  trainer, params = generate.restore_kept(kept, source, base=new_row)
-  embeddings = {k: params[k] for k in layout.VOCAB_PARAMS if k in params} if new_row else None
-  return peft.write_dir(out_dir, trainer.model_cfg, lora.adapters(params), tokenizer=tokenizer,
+  # Runs recorded before token rows trained added a new EOT row without training it.
+  tables = bool(Trained.recorded(kept.meta).token_rows or kept.meta["tokenizer"].get("adds_eot"))
+  # The base is read only for its embedding and LM head.
+  trainer, params = generate.restore_kept(kept, source, base=tables)
+  embeddings = {k: params[k] for k in layout.VOCAB_PARAMS if k in params} if tables else None
+  adapters = trainer.trainable(params) if tables else params
+  return peft.write_dir(out_dir, trainer.model_cfg, adapters, tokenizer=tokenizer,
                         base=hf_base(kept.meta), embeddings=embeddings)
 
 

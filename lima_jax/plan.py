@@ -25,12 +25,13 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from lima_jax import (config, config_cli, cpu_upcast, data, lora, optim, plan_report, sharding,
+from lima_jax import (config, config_cli, cpu_upcast, data, optim, plan_report, sharding,
                       topology, train, wall_time)
 from lima_jax.cli import fail, quiet_logs, use_fake_cpu_devices
 from lima_jax.errors import LimaError
 from lima_jax.model import residual_dropout_rates
 from lima_jax.train_state import BATCH_KEYS, Trainer
+from lima_jax.trained import Trained
 
 LIMA_EXAMPLES = 1000
 LIMA_AVG_TOKENS = 750  # the LIMA training set's mean conversation length in LLaMA tokens
@@ -107,8 +108,12 @@ def plan_run(cfg, topo: topology.Topology, *, num_examples: int | None = None,
   model_cfg = train.model_config(cfg.model, vocab, source and source[0],
                                  pinned=config_cli.pinned_model_keys(),
                                  where=f"init_from {cfg.init_from}", lora_section=cfg.lora)
+  # Without a tokenizer, EOT is LIMA's new token (the vocabulary's last id) unless one is named.
+  eot = tokenizer.meta() if tokenizer else {"eot_id": vocab - 1,
+                                            "eot_token": cfg.data.eot_token or data.EOT_TEXT}
   trainer = Trainer(model_cfg, optimizer, schedule, mesh, cfg.seed,
-                    loss_chunk_tokens=cfg.train.loss_chunk_tokens)
+                    loss_chunk_tokens=cfg.train.loss_chunk_tokens,
+                    trained=Trained.of_run(model_cfg, eot))
   layout, mean_rows, rows_source = _layout(cfg, examples, epochs, total_steps, mesh, avg_tokens)
 
   started = time.perf_counter()
@@ -148,7 +153,8 @@ def plan_run(cfg, topo: topology.Topology, *, num_examples: int | None = None,
       "param_dtype": cfg.model.param_dtype,
       "trainable_params": trainer.num_trainable,
       "lora": {"rank": model_cfg.lora_rank, "alpha": model_cfg.lora_alpha,
-               "targets": list(model_cfg.lora_targets), "dropout": model_cfg.lora_dropout}
+               "targets": list(model_cfg.lora_targets), "dropout": model_cfg.lora_dropout,
+               "token_rows": len(trainer.trained.token_rows)}
               if trainer.uses_lora else None,
       "model": {k: getattr(model_cfg, k) for k in train.SHAPE_KEYS},
       "loss_chunk_tokens": cfg.train.loss_chunk_tokens,
@@ -169,7 +175,7 @@ def plan_run(cfg, topo: topology.Topology, *, num_examples: int | None = None,
       "bytes_per_device": used, "hbm_bytes_per_device": topo.hbm_bytes,
       # The state's parts on one device (arguments, as sharded): what LoRA changes.
       "state_bytes_per_device": {
-          "frozen_params": _device_bytes(lora.frozen(params)) if trainer.uses_lora else 0,
+          "frozen_params": _device_bytes(trainer.frozen(params)) if trainer.uses_lora else 0,
           "trained_params": _device_bytes(trained),
           "opt_state": _device_bytes(trainer.abstract_state["opt_state"])},
       "fits": used <= topo.hbm_bytes,

@@ -51,8 +51,12 @@ def _trains(report: dict) -> str:
   if not report["lora"]:
     return f"every weight (full fine-tuning), params in {report['param_dtype']}"
   lo = report["lora"]
+  rows = lo.get("token_rows", 0)
   return (f"LoRA adapters of rank {lo['rank']} (alpha {lo['alpha']:g}, dropout {lo['dropout']:g}) "
-          f"on {','.join(lo['targets'])}: {_count(report['trainable_params'])} of "
+          f"on {','.join(lo['targets'])}"
+          + (f" and the embedding and LM-head rows of {rows} added token{'s' * (rows > 1)} "
+             "(a new EOT), in float32" if rows else "")
+          + f": {_count(report['trainable_params'])} of "
           f"{_count(report['params'])} params; the base frozen in {report['param_dtype']}")
 
 
@@ -105,7 +109,9 @@ def render(report: dict, config_name: str) -> str:
   lines.append(
       "            of which the state: "
       + (f"{_bytes(state['frozen_params'])} frozen base ({report['param_dtype']}) + "
-         f"{_bytes(state['trained_params'])} adapters (float32)" if report["lora"]
+         f"{_bytes(state['trained_params'])} "
+         f"{'adapters and token rows' if report['lora'].get('token_rows') else 'adapters'} "
+         "(float32)" if report["lora"]
          else f"{_bytes(state['trained_params'])} params ({report['param_dtype']})")
       + f" + {_bytes(state['opt_state'])} optimizer state"
       + (f"; XLA:CPU's f32 copies of the bf16 params ({_bytes(report['cpu_upcast_bytes'])} more "

@@ -29,6 +29,7 @@ from lima_jax.errors import LimaError
 from lima_jax.metrics import RunReporter
 from lima_jax.model import LlamaConfig
 from lima_jax.train_state import Trainer
+from lima_jax.trained import Trained, check_resumable
 from lima_jax.weights import layout
 from lima_jax.workdir_lock import WorkdirLock
 
@@ -163,14 +164,15 @@ def prepare(cfg, workdir: str) -> Setup:
   plan = data.EpochPlan(len(examples), cfg.train.batch_size, cfg.seed)
   total_steps = plan.steps_per_epoch * cfg.train.epochs
   optimizer, schedule = optim.make_optimizer(cfg.optimizer, total_steps)
+  trained = Trained.of_run(model_cfg, tokenizer.meta())
   trainer = Trainer(model_cfg, optimizer, schedule, mesh, cfg.seed,
-                    loss_chunk_tokens=cfg.train.loss_chunk_tokens)
+                    loss_chunk_tokens=cfg.train.loss_chunk_tokens, trained=trained)
   recorded = cfg.to_dict()
   recorded["model"].update({k: getattr(model_cfg, k) for k in SHAPE_KEYS})  # what ran
   meta = {"config": recorded, "model": dataclasses.asdict(model_cfg),
           "tokenizer_sha256": tokenizer.sha256, "tokenizer": tokenizer.meta(),
           "steps_per_epoch": plan.steps_per_epoch, "total_steps": total_steps,
-          "hf": source.extras if source else {}}
+          "hf": source.extras if source else {}, **trained.record()}
   if model_cfg.lora_rank:  # where the frozen base comes from again: checkpoints hold adapters
     meta[lora.BASE] = lora.base_record(cfg)
   return Setup(
@@ -243,8 +245,8 @@ def _train(s: Setup, cfg, workdir: str, started: float) -> dict:
     ckpts.close()
     return {}
   end = min(s.total_steps, cfg.train.stop_after_steps or s.total_steps)
-  trains = (f" ({s.trainer.num_trainable / 1e6:.2f}M in LoRA "
-            f"adapters of rank {s.trainer.model_cfg.lora_rank})" if s.trainer.uses_lora else "")
+  trains = (f" ({s.trainer.num_trainable / 1e6:.2f}M in {s.trainer.trained.describe()}, rank "
+            f"{s.trainer.model_cfg.lora_rank})" if s.trainer.uses_lora else "")
   print(f"lima_jax: {s.trainer.num_params / 1e6:.2f}M params{trains}, {len(s.examples)} examples, "
         f"{s.plan.steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs = {s.total_steps} "
         f"steps, up to {s.layout.micro_batches} x {s.layout.rows} packed rows x "
@@ -269,7 +271,7 @@ def _restore_or_init(ckpts, trainer, cfg, meta, workdir):
   """(state, step, the epoch's loss sums so far) from the newest readable checkpoint, or a fresh
   state at step 0."""
   def same_run(saved):
-    lora.check_same(saved, meta, workdir)
+    check_resumable(saved, meta, workdir)
     _check_same_chat_tokens(saved.get("tokenizer") or {}, meta["tokenizer"], workdir)
     checkpoint.check_same_model(saved, meta["model"], workdir)
     checkpoint.check_same_schedule(saved, meta, workdir)

@@ -5,10 +5,10 @@ checkpoints and weight converters use). It is created already sharded by a jitte
 model never exists whole on one host. The train step is `jax.jit` with explicit in/out shardings
 and a donated state.
 
-With LoRA (model_cfg.lora_rank > 0) the params hold the frozen base and the adapters
-(`lima_jax.lora`); gradients and the optimizer state exist for the adapters alone, and a
-checkpoint (`checkpointed`) holds only them, the optimizer state and the step: the base is
-reloaded from where it came from (`with_base`).
+What trains is `trained` (`lima_jax.trained.Trained`): every param, or with LoRA the adapters
+and the rows of the tokens the run adds, the base frozen. Gradients and the optimizer state
+exist for that part alone, and a checkpoint (`checkpointed`) holds only it, the optimizer state
+and the step: the frozen base is reloaded from where it came from (`with_base`).
 
 A batch is [micro_batches, rows, length] (`lima_jax.data.StepLayout`). The steps loop over the
 micro-batches that hold tokens and sum their losses and gradients, each scaled by the whole
@@ -24,6 +24,7 @@ from flax import nnx
 
 from lima_jax import lora, optim, sharding
 from lima_jax.model import Llama, LlamaConfig
+from lima_jax.trained import Trained
 
 BATCH_KEYS = ("tokens", "targets", "weights", "segment_ids", "positions")
 
@@ -84,8 +85,15 @@ class Trainer:
   mesh: jax.sharding.Mesh
   seed: int
   loss_chunk_tokens: int = 0  # train.loss_chunk_tokens: see token_loss
+  # What trains (None: every param, or with LoRA the adapters alone): `Trained.of_run` for a new
+  # run, `Trained.recorded` for a run's checkpoints.
+  trained: Trained | None = None
 
   def __post_init__(self):
+    if self.trained is None:
+      self.trained = Trained(lora=self.uses_lora)
+    if self.trained.lora != self.uses_lora:
+      raise ValueError(f"{self.trained} does not match lora_rank {self.model_cfg.lora_rank}")
     with nnx.use_eager_sharding(False):
       abstract_model = nnx.eval_shape(lambda: Llama(self.model_cfg, nnx.Rngs(0)))
     self.graphdef, abstract_params = nnx.split(abstract_model)
@@ -122,7 +130,7 @@ class Trainer:
 
   @property
   def num_trainable(self) -> int:
-    """Params that train: all of them, or with LoRA the adapters' elements."""
+    """Params that train: all of them, or with LoRA the adapters' and the token rows' elements."""
     return sum(x.size for x in jax.tree.leaves(self.trainable(self.abstract_state["params"])))
 
   @property
@@ -130,17 +138,24 @@ class Trainer:
     return self.model_cfg.lora_rank > 0
 
   def trainable(self, params):
-    """The part of a param tree (or of a tree shaped like it) that trains: all of it, or with
-    LoRA the adapters alone."""
-    return lora.adapters(params) if self.uses_lora else params
+    """The part of a param tree (or of a tree shaped like it) that trains (`Trained.part`)."""
+    return self.trained.part(params)
+
+  def frozen(self, params):
+    """The base model's params of a param tree, all but the adapters (`Trained.rest`)."""
+    return self.trained.rest(params)
+
+  def joined(self, frozen, trainable):
+    """The param tree of a frozen rest and a trained part (`Trained.join`)."""
+    return self.trained.join(frozen, trainable)
 
   def _with_trainable(self, params, trainable):
-    return lora.join(lora.frozen(params), trainable) if self.uses_lora else trainable
+    return self.joined(self.frozen(params), trainable)
 
   def _init(self, seed):
     with nnx.use_eager_sharding(False):
       model = Llama(self.model_cfg, nnx.Rngs(jax.random.key(seed)))
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    params = self.trained.tables_in_fp32(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     if self.model_cfg.vocab_size < self.model_cfg.padded_vocab:
       params = _zero_padding_rows(params, self.model_cfg)
     return {"step": jnp.zeros((), jnp.int32), "params": params,
@@ -148,10 +163,11 @@ class Trainer:
 
   def state_from(self, base_params) -> dict:
     """A fresh state (step 0, a fresh optimizer) around pretrained params placed on the mesh:
-    the whole model, or with LoRA the frozen base, to which fresh adapters are added."""
+    the whole model, or with LoRA the frozen base (its token rows as loaded), to which fresh
+    adapters are added."""
     params = base_params
     if self.uses_lora:
-      params = lora.join(base_params, self.init_adapters(self.seed))
+      params = self.joined(base_params, self.init_adapters(self.seed))
     opt_state = jax.jit(self.optimizer.init, out_shardings=self.state_shardings["opt_state"])(
         self.trainable(params))
     step = jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings["step"])
@@ -159,7 +175,7 @@ class Trainer:
 
   def checkpointed(self, state):
     """What a checkpoint holds of a state (or of `abstract_state`): all of it, or with LoRA the
-    step, the adapters (as 'params') and their optimizer state; the base is not written."""
+    step, the trained part (as 'params') and its optimizer state; the base is not written."""
     return dict(state, params=self.trainable(state["params"]))
 
   def with_base(self, restored, fresh):
@@ -167,7 +183,7 @@ class Trainer:
     `fresh` (a state built like the run's first one); without LoRA, `restored` itself."""
     if not self.uses_lora:
       return restored
-    return dict(restored, params=lora.join(lora.frozen(fresh["params"]), restored["params"]))
+    return dict(restored, params=self.joined(self.frozen(fresh["params"]), restored["params"]))
 
   def model(self, params) -> Llama:
     return nnx.merge(self.graphdef, params)
@@ -180,7 +196,7 @@ class Trainer:
     count = jnp.sum(batch["weights"])
     scale = 1.0 / jnp.maximum(count, 1.0)
 
-    trainable = self.trainable(state["params"])  # with LoRA the adapters; the base stays frozen
+    trainable = self.trainable(state["params"])  # with LoRA the base stays frozen
 
     def micro_loss_and_grads(micro, index):
       def loss_fn(trainable):

@@ -20,8 +20,9 @@ for every write. Each save blocks for its device-to-host copy, for the previous 
 kind (Orbax writes one at a time per directory), and for host memory when the bytes in flight
 would exceed the host's RAM; the rest is written in the background, in order, at the host's
 write bandwidth, while the next steps run. Without `checkpoint.async_save` a save blocks for
-its whole write. With LoRA a checkpoint holds the adapters, their optimizer state and the step,
-and an export the adapters alone (`Trainer.checkpointed`): small next to the full state; a
+its whole write. With LoRA a checkpoint holds what trains (the adapters and a new EOT's rows,
+`lima_jax.trained`), its optimizer state and the step, and an export what trains alone
+(`Trainer.checkpointed`): small next to the full state; a
 resumed run reads the base again, as at the start (not modelled here: the plan has no
 preemptions).
 

@@ -21,10 +21,12 @@ from lima_jax.weights import pretrained, safetensors_io  # pylint: disable=wrong
 LENGTH = 16
 
 
-def lora_run(base: str, workdir: str, eot_token: str = "") -> str:
+def lora_run(base: str, workdir: str, eot_token: str = "", param_dtype: str = "float32") -> str:
   """A LoRA run of 2 steps from the HF dir `base` at a learning rate high enough that the
-  adapters' B (zero at the start) moves far from zero; epoch 1's params kept for --choose."""
+  adapters' B (zero at the start) moves far from zero; epoch 1's params kept for --choose.
+  param_dtype: the frozen base's."""
   cfg = config.from_file(os.path.join(ROOT, "configs", "toy.py"))
+  cfg.model.param_dtype = param_dtype
   cfg.init_from = base
   cfg.data.dev_path = ""
   cfg.data.eot_token = eot_token
@@ -57,6 +59,13 @@ def run_logits(workdir: str, tokens: np.ndarray) -> np.ndarray:
   adapter_b = [np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)
                if "lora_b" in jax.tree_util.keystr(p)]
   assert adapter_b and min(np.abs(b).max() for b in adapter_b) > 0.05  # B moved from zero
+  for eot in trainer.trained.token_rows:  # a new EOT's rows trained away from the base's mean
+    base = jax.device_get(pretrained.lora_base(kept.meta, trainer))
+    tables = jax.device_get({k: params[k] for k in base if k in ("embed", "lm_head")})
+    assert np.abs(tables["embed"][eot] - base["embed"][eot]).max() > 0.01
+    np.testing.assert_array_equal(np.delete(tables["embed"], eot, 0), np.delete(base["embed"], eot, 0))
+    if "lm_head" in tables:
+      assert np.abs(tables["lm_head"][:, eot] - base["lm_head"][:, eot]).max() > 0.01
   positions = np.tile(np.arange(tokens.shape[1], dtype=np.int32), (tokens.shape[0], 1))
   forward = jax.jit(lambda p, t, q, s: trainer.model(p)(t, q, s))
   return np.asarray(forward(params, tokens, positions, np.ones_like(tokens)))
@@ -64,10 +73,44 @@ def run_logits(workdir: str, tokens: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def new_eot(tmp_path_factory):
-  """(HF base dir, LoRA workdir) with LIMA's EOT a new row the base lacks."""
+  """(HF base dir, LoRA workdir) with LIMA's EOT a new row the base lacks (its rows train)."""
   root = tmp_path_factory.mktemp("new_eot")
   make_hf(root / "hf", d=64, heads=4, kv=2, ffn=96)
-  return str(root / "hf"), lora_run(str(root / "hf"), str(root / "run"))
+  workdir = lora_run(str(root / "hf"), str(root / "run"))
+  kept = run_files.locate(workdir, epoch=1)
+  assert generate.restore_kept(kept, generate.open_kept(kept)[0])[0].trained.token_rows == (
+      PIECES,)
+  return str(root / "hf"), workdir
+
+
+def test_merges_of_a_bf16_base_keep_the_dtype_asked_for(tmp_path):
+  """A LoRA run on a bf16 base: the fp32 exports (convert --dtype=float32; select --choose hf
+  and orbax, whose merge is fp32 by default) fold W + scale A B in fp32 and keep it there, so
+  transformers on the HF export and our forward on the orbax export give the logits of our fp32
+  forward with the adapters to 2e-5. Rounded to the base's bf16 first (as before), the fp32 HF
+  export's logits were off by up to 0.017. --dtype=bfloat16 still writes a bf16 model."""
+  make_hf(tmp_path / "hf", d=64, heads=4, kv=2, ffn=96, seed=2)
+  workdir = lora_run(str(tmp_path / "hf"), str(tmp_path / "run"), param_dtype="bfloat16")
+  tokens = tokens_batch(PIECES + 1)
+  expected = run_logits(workdir, tokens)[..., :PIECES + 1]
+
+  assert convert.main(["orbax-to-hf", workdir, str(tmp_path / "fp32"), "--dtype=float32"]) == 0
+  select.main([f"--workdir={workdir}", "--choose=1", f"--out={tmp_path / 'chosen_hf'}"])
+  for out in ("fp32", "chosen_hf"):
+    header = safetensors_io.read_header(str(tmp_path / out / "model.safetensors"))
+    assert {v["dtype"] for k, v in header.items() if k != "__data_start__"} == {"F32"}, out
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / out)).eval()
+    np.testing.assert_allclose(hf_logits(model, tokens), expected, atol=2e-5, rtol=0)
+
+  select.main([f"--workdir={workdir}", "--choose=1", "--format=orbax",
+               f"--out={tmp_path / 'orbax'}"])
+  ours, params = our_logits(str(tmp_path / "orbax"), tokens)
+  assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(np.float32)}
+  np.testing.assert_allclose(ours[..., :PIECES + 1], expected, atol=2e-5, rtol=0)
+
+  assert convert.main(["orbax-to-hf", workdir, str(tmp_path / "bf16"), "--dtype=bfloat16"]) == 0
+  header = safetensors_io.read_header(str(tmp_path / "bf16" / "model.safetensors"))
+  assert {v["dtype"] for k, v in header.items() if k != "__data_start__"} == {"BF16"}
 
 
 def test_merged_exports_equal_the_model_with_adapters(new_eot, tmp_path):

@@ -179,28 +179,34 @@ def test_cli_plans_65b_lora_on_a_quarter_of_the_full_fine_tunes_slice():
   assert runs["lima_65b_lora"].returncode == 0, runs["lima_65b_lora"].stderr[-3000:]
   report = json.loads(runs["lima_65b_lora"].stdout)
   assert report["fits"] and report["devices"] == 4
-  assert report["lora"] == {"rank": 64, "alpha": 16.0, "dropout": 0.05,
+  assert report["lora"] == {"rank": 64, "alpha": 16.0, "dropout": 0.05, "token_rows": 1,
                             "targets": ["q", "k", "v", "o", "gate", "up", "down"]}
-  # Rank 64 on the seven projections of 80 layers: 64 x (in + out) each.
+  # Rank 64 on the seven projections of 80 layers: 64 x (in + out) each; and LIMA's new EOT's
+  # embedding row and LM-head column (LLaMA has no EOT), which train too.
   d, f = 8192, 22016
   adapters = 80 * 64 * (4 * 2 * d + 3 * (d + f))
-  assert report["trainable_params"] == adapters < report["params"] / 50
-  base = report["params"] - adapters
+  trained = adapters + 2 * d
+  assert report["trainable_params"] == trained < report["params"] / 50
+  base = report["params"] - adapters  # the EOT rows are part of the base's tables
+  tables = 2 * 32_128 * d  # the embedding and LM head, kept in fp32 since rows of them train
   state = report["state_bytes_per_device"]
-  assert state["frozen_params"] == pytest.approx(2 * base / 4, rel=0.01)  # bf16 over fsdp=4
+  # bf16 over fsdp=4, but for the fp32 tables
+  assert state["frozen_params"] == pytest.approx((2 * base + 2 * tables) / 4, rel=0.002)
   assert state["opt_state"] == pytest.approx(2 * state["trained_params"], rel=0.01)
   # Adapters shard over fsdp like the base (none is whole on a chip): fp32 over fsdp=4.
-  assert state["trained_params"] == pytest.approx(4 * adapters / 4, rel=0.01)
+  assert state["trained_params"] == pytest.approx(4 * trained / 4, rel=0.01)
   # XLA:CPU's f32 copy of the bf16 base is found and left out of the fit.
-  assert report["cpu_upcast_bytes"] == pytest.approx(2 * state["frozen_params"], rel=0.01)
+  assert report["cpu_upcast_bytes"] == pytest.approx(2 * 2 * (base - tables) / 4, rel=0.01)
   assert report["bytes_per_device"] < report["argument_bytes"] + report["temp_bytes"]
-  # Checkpoints hold the adapters, two fp32 moments and the step; exports the adapters; the
-  # start reads the bf16 base.
-  assert report["checkpoint_bytes"]["full_state"] == pytest.approx(12 * adapters, rel=1e-3)
-  assert report["checkpoint_bytes"]["params_export"] == 4 * adapters
-  assert report["load_bytes"] == 2 * base
+  # Checkpoints hold the adapters and EOT rows, two fp32 moments and the step; exports those;
+  # the start reads the bf16 base.
+  assert report["checkpoint_bytes"]["full_state"] == pytest.approx(12 * trained, rel=1e-3)
+  assert report["checkpoint_bytes"]["params_export"] == 4 * trained
+  assert report["load_bytes"] == 2 * (report["params"] - trained)
   text = plan_report.render(report, "configs/lima_65b_lora.py")
-  for piece in ("LoRA adapters of rank 64 (alpha 16, dropout 0.05) on q,k,v,o,gate,up,down",
+  for piece in ("LoRA adapters of rank 64 (alpha 16, dropout 0.05) on q,k,v,o,gate,up,down "
+                "and the embedding and LM-head rows of 1 added token (a new EOT)",
+                "adapters and token rows (float32)",
                 "frozen base (bfloat16)", "15 adapter states of 9.6 GB",
                 "6 adapter exports of 3.2 GB", "of frozen base weights"):
     assert piece in text, piece
@@ -217,11 +223,14 @@ def test_lora_flops_leave_out_the_frozen_weights_gradients():
   attention = 12 * m["n_layers"] * m["d_model"] * full["max_length"] * tokens
   embed = 32_128 * m["d_model"]  # the padded vocabulary's rows are not a matmul
   matmul = full["params"] - embed
-  adapters = lora["trainable_params"]
+  trained = lora["trainable_params"]  # the adapters, and the new EOT's two rows of d_model
+  adapters = trained - 2 * m["d_model"]
+  assert lora["lora"]["token_rows"] == 1
   assert lora["params"] == full["params"] + adapters
   assert full["flops_per_step"] == pytest.approx(6 * matmul * tokens + attention)
-  assert lora["flops_per_step"] == pytest.approx(4 * matmul * tokens + 6 * adapters * tokens
-                                                 + attention)
+  # 4 per frozen or adapter weight (forward, input gradient), 2 more per trained weight
+  assert lora["flops_per_step"] == pytest.approx(4 * (matmul + adapters) * tokens
+                                                 + 2 * trained * tokens + attention)
   assert lora["flops_per_step"] < full["flops_per_step"]
 
 

@@ -2,10 +2,12 @@
 
   DIR/adapter_model.safetensors  base_model.model.model.layers.<i>.<module>.lora_A.weight
                                  [rank, in] and ...lora_B.weight [out, rank], in fp32; when the
-                                 run added a new EOT row, also base_model.model.model.
+                                 run trained the rows of tokens it added (a new EOT:
+                                 `lima_jax.trained`), also base_model.model.model.
                                  embed_tokens.weight and base_model.model.lm_head.weight
-                                 [vocab, d] (PEFT's `save_embedding_layers`), loaded over a base
-                                 resized to `vocab` rows
+                                 [vocab, d] with those rows as trained (PEFT's
+                                 `save_embedding_layers`), loaded over a base resized to `vocab`
+                                 rows
   DIR/adapter_config.json        peft_type LORA, task_type CAUSAL_LM, r, lora_alpha, ...
   DIR/tokenizer files            as in an HF export (`hf_tokenizer`)
 
@@ -57,9 +59,10 @@ def write_dir(out_dir: str, model_cfg, adapters: dict, *, tokenizer: ChatTokeniz
               base: str | None, embeddings: dict | None = None) -> list[str]:
   """Writes the PEFT directory of a LoRA model.
 
-  adapters: `lora.adapters` of the params (device or host arrays, A [L, in, rank], B
-  [L, rank, out]); embeddings: None, or {'embed': [padded_vocab, d], 'lm_head': [d,
-  padded_vocab] (absent when tied)} for a run whose EOT is a row the base lacks; base: the HF
+  adapters: the trained part of the params (`Trained.part`; device or host arrays, A [L, in,
+  rank], B [L, rank, out]); embeddings: None, or {'embed': [padded_vocab, d], 'lm_head': [d,
+  padded_vocab] (absent when tied)}, the tables with their trained rows, for a run whose EOT is
+  a row the base lacks; base: the HF
   directory or hub id of the base model, or None. Raises LimaError for a non-empty out_dir.
   Returns the files written."""
   if os.path.exists(out_dir) and os.listdir(out_dir):

@@ -242,7 +242,7 @@ def load_params(path: str, trainer: Trainer, tokenizer: dict):
   by `run_tokenizer` for `path`."""
   source = open_source(path)
   model_cfg = trainer.model_cfg
-  abstract = lora.frozen(trainer.abstract_state["params"])
+  abstract = trainer.frozen(trainer.abstract_state["params"])
   add_eot = False
   if isinstance(source, OrbaxParams):
     if source.lora_rank:
@@ -274,7 +274,7 @@ def lora_base(meta: dict, trainer: Trainer) -> dict:
   record = meta.get(lora.BASE) or {}
   path = record.get("init_from")
   if not path:
-    return lora.frozen(trainer.init(record.get("seed", 0))["params"])
+    return trainer.frozen(trainer.init(record.get("seed", 0))["params"])
   if not epath.Path(path).exists():
     raise LimaError(f"{path}: the base model this LoRA run was trained on is gone (its "
                     "checkpoints hold the adapters alone); put it back at that path")
