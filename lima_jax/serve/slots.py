@@ -66,7 +66,7 @@ def choose(logits, seen, keys, steps, settings: dict, greedy, all_greedy):
 
 class SlotModel:
   """One model's compiled prefill and decode over `slots` rows of a cache of `capacity`
-  positions. Device state: `cache` {'k', 'v'} [layers, slots, capacity, kv_heads, head_dim] and
+  positions. Device state: `cache` {'k', 'v'} [layers, slots, capacity + 1, kv_heads, head_dim] and
   `seen` [slots, vocab] bool; the host keeps each slot's position (the engine)."""
 
   def __init__(self, trainer, params, *, slots: int, context: int):
@@ -77,7 +77,7 @@ class SlotModel:
     self.params = jax.jit(lambda p: decode_weights(p, dtype))(params)
     model = nnx.merge(self.graphdef, self.params)
     # Placed as the steps' outputs are, so the second call does not compile again.
-    state = jax.jit(lambda: (model.init_cache(slots, self.capacity),
+    state = jax.jit(lambda: (model.init_cache(slots, self.capacity + 1),  # + decode's scratch
                              jnp.zeros((slots, self.vocab), jnp.bool_),
                              jnp.zeros((slots,), jnp.int32)),
                     out_shardings=sharding.replicated(trainer.mesh))
@@ -144,7 +144,7 @@ class SlotModel:
     active = np.flatnonzero(positions >= 0)
     rows = _bucket(int(active.max()) + 1, 1) if len(active) else 1
     positions = np.maximum(positions[:rows], 0)
-    window = min(self.capacity, _bucket(int(positions.max()) + 1, _MIN_WINDOW))
+    window = min(self.capacity, _bucket(int(positions.max()) + 1, _MIN_WINDOW))  # > positions
     keys, settings, greedy = rows_state.on_device(rows)
     self.cache, self.seen, self.tokens, out = self._decode(
         self.params, self.cache, self.seen, self.tokens, positions, keys,
@@ -155,19 +155,19 @@ class SlotModel:
                  *, rows, window):
     model = nnx.merge(self.graphdef, params)
     tokens = last_tokens[:rows]
-    part = {name: c[:, :rows, :window] for name, c in cache.items()}
-
-    def one_row(token, position, k, v):
-      # The model's cache step, batch 1, each row writing at its own position.
-      row_cache = {"k": k[:, None], "v": v[:, None]}
-      logits, row_cache = model.extend(token[None, None], position[None, None], row_cache,
-                                       position, jnp.ones((1, window), jnp.bool_))
-      return logits[0, 0], row_cache["k"][:, 0], row_cache["v"][:, 0]
-
-    logits, k, v = jax.vmap(one_row, in_axes=(0, 0, 1, 1), out_axes=(0, 1, 1))(
-        tokens, positions, part["k"], part["v"])
-    cache = {"k": cache["k"].at[:, :rows, :window].set(k),
-             "v": cache["v"].at[:, :rows, :window].set(v)}
+    # One batched call for all rows. The model writes a call's keys and values at one cache
+    # index for every row, but each row's token belongs at its own position: the call writes
+    # them at scratch column `window` (past every row's position; the cache has a spare column
+    # so it exists), each row attends to its own slots before its position and the scratch,
+    # then each row's scratch is copied to its position.
+    width = window + 1
+    part = {name: c[:, :rows, :width] for name, c in cache.items()}
+    slots = jnp.arange(width)[None]
+    valid = (slots < positions[:, None]) | (slots == window)
+    logits, part = model.extend(tokens[:, None], positions[:, None], part, window, valid)
+    logits = logits[:, 0]
+    cache = {name: c.at[:, jnp.arange(rows), positions].set(part[name][:, :, window])
+             for name, c in cache.items()}
     *out, row_seen = choose(logits, seen[:rows], keys, steps, settings, greedy, jnp.all(greedy))
     return cache, seen.at[:rows].set(row_seen), last_tokens.at[:rows].set(out[0]), tuple(out)
 
