@@ -47,17 +47,11 @@ def choose(logits, seen, keys, steps, settings: dict, greedy, all_greedy):
   logprobs = jax.nn.log_softmax(logits, axis=-1)
   # A greedy row's temperature may be 0: it is never sampled, but must not make NaNs.
   sampling = dict(settings, temperature=jnp.where(greedy, 1.0, settings["temperature"]))
-
-  def per_row(is_greedy):
-    def pick(row_logits, row_seen, key, step, row_settings):
-      return next_tokens(row_logits[None], row_seen[None], key[None], step, row_settings,
-                         is_greedy)[0]
-    return jax.vmap(pick)
-
-  arg_max = per_row(True)(logits, seen, keys, steps, sampling)
-  tokens = jax.lax.cond(
-      all_greedy, lambda: arg_max,
-      lambda: jnp.where(greedy, arg_max, per_row(False)(logits, seen, keys, steps, sampling)))
+  sampling = {k: v[:, None] for k, v in sampling.items()}  # per row: [R, 1]
+  pick = lambda is_greedy: next_tokens(logits, seen, keys, steps, sampling, is_greedy)
+  arg_max = pick(True)
+  tokens = jax.lax.cond(all_greedy, lambda: arg_max,
+                        lambda: jnp.where(greedy, arg_max, pick(False)))
   seen = seen | jax.nn.one_hot(tokens, seen.shape[-1], dtype=jnp.bool_)
   chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
   top_values, top_ids = jax.lax.top_k(logprobs, TOP_K)
