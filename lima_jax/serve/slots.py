@@ -13,6 +13,8 @@ A decode step reads every weight and the cache of the rows it runs, so it runs o
 `rows` slots (a power of two covering the highest active slot; requests take the lowest free
 slot) and attends only to the first `window` positions (a power of two covering the longest
 row): one compile per (rows, window) pair used, and a lone client pays for one row, not B.
+The step's rows run as one batch through the model; each row's last token stays on the device
+between steps, so the engine can send a step before reading the previous one.
 
 Log-probabilities are the model's own log-softmax, before penalty, temperature and top-p (what
 vLLM returns by default): `TOP_K` of them per position come back with every token.
@@ -40,8 +42,8 @@ def choose(logits, seen, keys, steps, settings: dict, greedy, all_greedy):
 
   logits [R, V] fp32; seen [R, V] bool; keys [R] (typed keys); steps [R] int32 (tokens the row
   has generated); settings {temperature, top_p, repetition_penalty} of [R] fp32; greedy [R]
-  bool; all_greedy: a traced bool that skips the sampling (its sort over the vocabulary) when
-  no row samples. Returns (tokens [R] int32, their logprob [R], top logprobs [R, TOP_K] and
+  bool; all_greedy: a traced bool that skips the sampling (penalty, nucleus, draw) when no
+  row samples. Returns (tokens [R] int32, their logprob [R], top logprobs [R, TOP_K] and
   their ids [R, TOP_K], seen with the tokens added).
   """
   logprobs = jax.nn.log_softmax(logits, axis=-1)
@@ -60,8 +62,9 @@ def choose(logits, seen, keys, steps, settings: dict, greedy, all_greedy):
 
 class SlotModel:
   """One model's compiled prefill and decode over `slots` rows of a cache of `capacity`
-  positions. Device state: `cache` {'k', 'v'} [layers, slots, capacity + 1, kv_heads, head_dim] and
-  `seen` [slots, vocab] bool; the host keeps each slot's position (the engine)."""
+  positions. Device state: `cache` {'k', 'v'} [layers, slots, capacity + 1, kv_heads,
+  head_dim] (the last column: the decode step's scratch), `seen` [slots, vocab] bool and
+  `tokens` [slots] int32 (each row's last token); the engine keeps each slot's position."""
 
   def __init__(self, trainer, params, *, slots: int, context: int):
     cfg = trainer.model_cfg
