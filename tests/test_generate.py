@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from lima_jax import sharding
+from lima_jax import decoding, sharding
 from lima_jax.decoding import (Decoding, Generator, next_tokens, nucleus, penalize_repetition,
                                prompt_bucket, prompt_seen, sampling_logits)
 from lima_jax.model import LlamaConfig
@@ -177,3 +177,20 @@ def test_penalize_prompt_decides_whether_prompt_tokens_are_penalised(model, gene
     assert int(hf[i][0]) != int(plain[i][0]) and int(hf[i][0]) not in batch[i].tolist()
   for ids in paper + hf:  # generated tokens are penalised: none comes twice
     assert len(set(ids.tolist())) == len(ids)
+
+
+def test_nucleus_from_candidates_equals_the_full_sort(monkeypatch):
+  """Rows from peaked to flat over a 49,152-token vocabulary, in batches whose nucleus ends
+  among the first 256 candidates, among 4,096, and past them (the full sort): the kept sets
+  equal those of sorting every row whole."""
+  rng = np.random.default_rng(0)
+  scales = np.array([8.0, 5.0, 3.0, 2.0, 1.0, 0.3, 0.05, 4.0])[:, None]
+  logits = jnp.asarray((rng.normal(size=(8, 49152)) * scales).astype(np.float32))
+  batches = ([0, 1], [0, 1, 2, 7], list(range(8)))
+  by_candidates = [np.isfinite(np.asarray(nucleus(logits[np.array(b)], 0.9))) for b in batches]
+  monkeypatch.setattr(decoding, "NUCLEUS_CANDIDATES", ())
+  by_sort = np.isfinite(np.asarray(nucleus(logits, 0.9)))
+  kept = by_sort.sum(-1)
+  assert max(kept[:2]) < 256 < kept[7] < kept[2] < 4096 < kept[3], kept  # every path is taken
+  for rows, got in zip(batches, by_candidates):
+    np.testing.assert_array_equal(got, by_sort[np.array(rows)])

@@ -238,3 +238,20 @@ def test_a_judge_request_reads_one_tokens_top_logprobs(client, reference):
   assert entry.token == entry.top_logprobs[0].token and got.choices[0].finish_reason in (
       "length", "stop")
   assert got.usage.completion_tokens == 1
+
+
+def test_a_client_gone_from_a_non_streamed_request_frees_its_slots(server):
+  """Thirty-two answers in one /v1/completions request on four slots; the client gives up after
+  a second, and its answers leave the engine at once instead of decoding to the end."""
+  before = httpx.get(f"{server.url}/health").json()["cancelled"]
+  body = {"model": NAME, "prompt": ["Say hello."] * 32, "max_tokens": 100, "temperature": 0,
+          "ignore_eos": True}
+  with pytest.raises(httpx.TimeoutException):
+    httpx.post(f"{server.url}/v1/completions", json=body, timeout=1.0)
+  deadline = time.monotonic() + 30
+  while (health := httpx.get(f"{server.url}/health").json())["requests"] and (
+      time.monotonic() < deadline):
+    time.sleep(0.1)
+  assert health["requests"] == 0 and health["cancelled"] - before >= 28, health
+  assert httpx.post(f"{server.url}/v1/completions", timeout=60, json=dict(
+      body, prompt="Say hello.", max_tokens=2)).json()["usage"]["completion_tokens"] == 2

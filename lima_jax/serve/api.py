@@ -3,7 +3,8 @@
 
 Every request's ids come from the engine's tokenizer: chat messages in the run's chat format
 (`ChatTokenizer.encode_prompt`, as training formats them), completion prompts as plain text.
-A streamed request whose client goes away is cancelled, so its slot goes to the next request.
+A request whose client goes away, streamed or not, is cancelled, so its slot goes to the next
+request.
 """
 
 import asyncio
@@ -23,6 +24,7 @@ from lima_jax.serve.engine import Request as Job
 from lima_jax.serve.errors import APIError
 
 MAX_BODY_BYTES = 4 << 20  # 4 MiB: far above any prompt that fits a context of 2,048 tokens
+DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is there
 
 
 class TokenText:
@@ -112,7 +114,7 @@ def create_app(engine: Engine, *, name: str, context: int, defaults: dict,
     if body.stream:
       usage = (body.stream_options or {}).get("include_usage", False)
       return _sse(run, lambda: _chat_chunks(run, meta, body.logprobs, logprob_entry, usage))
-    await run.wait()
+    await run.wait(request)
     (pieces, done), = run.results()
     message = {"role": "assistant", "content": "".join(p.text for p in pieces)}
     choice = {"index": 0, "message": message, "finish_reason": done.reason,
@@ -150,7 +152,7 @@ def create_app(engine: Engine, *, name: str, context: int, defaults: dict,
       if body.echo:
         raise APIError(400, "echo: not with stream", param="echo")
       return _sse(run, lambda: _completion_chunks(run, meta, k, logprobs_of))
-    await run.wait()
+    await run.wait(request)
     choices = []
     for index, ((pieces, done), ids, prompt) in enumerate(zip(run.results(), all_ids, prompts)):
       text = "".join(p.text for p in pieces)
@@ -206,11 +208,19 @@ class _Run:
     for job in self.jobs:
       job.cancel()
 
+  async def _watch(self, request: Request) -> None:
+    while not await request.is_disconnected():
+      await asyncio.sleep(DISCONNECT_POLL_S)
+    self.cancel()
+    self.events.put_nowait((None, None))  # wakes `wait`
+
   async def next(self):
     """The next (index, event), recorded; None once every job has finished."""
     if all(d is not None for d in self.done):
       return None
     index, event = await self.events.get()
+    if index is None:
+      raise APIError(499, "the client closed the connection", code="client_closed_request")
     if isinstance(event, Piece):
       self.pieces[index].append(event)
     elif isinstance(event, Echo):
@@ -219,13 +229,18 @@ class _Run:
       self.done[index] = event
     return index, event
 
-  async def wait(self) -> None:
+  async def wait(self, request: Request) -> None:
+    """Gathers every event; a client that goes away meanwhile cancels the jobs (their slots
+    free before the next step) and ends the request with 499."""
+    watcher = asyncio.create_task(self._watch(request))
     try:
       while await self.next() is not None:
         pass
     except asyncio.CancelledError:
       self.cancel()
       raise
+    finally:
+      watcher.cancel()
     failed = [d for d in self.done if d.reason == "error"]
     if failed:
       raise APIError(500, f"generation failed: {failed[0].message}", kind="server_error")

@@ -18,10 +18,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from lima_jax.serve.slots import SlotModel, request_key
+from lima_jax.serve.slots import RowState, SlotModel, request_key
 from lima_jax.serve.text import TextTail
-
-_SETTINGS = ("temperature", "top_p", "repetition_penalty")
 
 
 @dataclasses.dataclass
@@ -67,7 +65,8 @@ class Request:
   echo: bool = False
   ignore_eos: bool = False  # no stop at stop ids: exactly max_new tokens (benchmarks)
   cancelled: bool = False
-  generated: int = 0
+  generated: int = 0  # tokens handed to the sink
+  dispatched: int = 0  # tokens whose step has been sent to the device
   tail: TextTail | None = None
 
   def cancel(self) -> None:
@@ -81,19 +80,22 @@ class EngineClosed(Exception):
 
 class Engine:
   """The scheduler over a `SlotModel`. `start` runs it on a daemon thread; `close` lets the
-  requests already taken finish, then stops it."""
+  requests already taken finish, then stops it.
+
+  Steps are pipelined: step t + 1 is sent to the device before step t's results are read (each
+  row's token stays on the device between steps; positions and step counts are known ahead on
+  the host), so the host's work on a token (sinks, text, HTTP) overlaps the next step. A row
+  that stops at a stop id was already sent one step further; that step's result is dropped.
+  """
 
   def __init__(self, model: SlotModel, tokenizer):
     self.model, self.tokenizer = model, tokenizer
     self.stop_ids = frozenset(int(i) for i in tokenizer.stop_ids)
     n = model.slots
     self.rows: list[Request | None] = [None] * n
-    self.tokens = np.zeros(n, np.int32)
-    self.positions = np.full(n, -1, np.int32)  # -1: a free slot
-    self.steps = np.zeros(n, np.int32)
-    self.settings = {k: np.ones(n, np.float32) for k in _SETTINGS}
-    self.greedy = np.zeros(n, np.bool_)
-    self.keys = jax.vmap(request_key)(np.zeros(n, np.int32))
+    self.positions = np.full(n, -1, np.int32)  # where each row's next input token goes
+    self.row_state = RowState(n)
+    self._pending = None  # (device results, [(slot, request)] run): the step not yet read
     self.waiting: collections.deque[Request] = collections.deque()
     self._cv = threading.Condition()
     self._closing = False
@@ -127,9 +129,10 @@ class Engine:
   def _run(self) -> None:
     while True:
       with self._cv:
-        while not self._closing and not self.waiting and self._idle():
+        while (not self._closing and not self.waiting and self._idle()
+               and self._pending is None):
           self._cv.wait()
-        if self._closing and not self.waiting and self._idle():
+        if self._closing and not self.waiting and self._idle() and self._pending is None:
           return
         admitted = []
         for slot in range(self.model.slots):
@@ -141,22 +144,26 @@ class Engine:
               self.rows[slot] = request
               admitted.append((slot, request))
       for slot, request in admitted:
-        self._guard(self._admit, slot, request)
+        self._guard(self._admit, slot, request, only=slot)
       self._drop_cancelled()
+      pending, self._pending = self._pending, None
       if not self._idle():
-        self._guard(self._step)
+        self._guard(self._dispatch)
+      if pending is not None:
+        self._guard(self._collect, pending)
 
   def _idle(self) -> bool:
     return all(r is None for r in self.rows)
 
-  def _guard(self, fn, *args) -> None:
-    """A failure ends the requests it touched with an error, never the scheduler."""
+  def _guard(self, fn, *args, only: int | None = None) -> None:
+    """A failure ends the requests it touched (slot `only`, else all) with an error, never the
+    scheduler."""
     try:
       fn(*args)
     except Exception as e:  # pylint: disable=broad-except
       logging.error("engine: %s", traceback.format_exc())
       for slot, request in enumerate(self.rows):
-        if request is not None and (not args or args[0] == slot):
+        if request is not None and only in (None, slot):
           request.sink(Finished("error", len(request.ids), request.generated,
                                 message=f"{type(e).__name__}: {e}"))
           self._free(slot)
@@ -171,26 +178,37 @@ class Engine:
       request.sink(Finished("length", len(request.ids), 0))
       self._free(slot)
       return
-    for name in _SETTINGS:
-      self.settings[name][slot] = request.settings[name]
-    self.greedy[slot] = request.greedy
-    self.keys = self.keys.at[slot].set(key)
-    self.positions[slot], self.steps[slot] = len(request.ids), 0
+    self.row_state.set(slot, key, request.settings, request.greedy)
+    self.positions[slot] = len(request.ids)
+    request.dispatched = 1
     self._accept(slot, *first)
 
-  def _step(self) -> None:
-    tokens, logprobs, top_values, top_ids = self.model.step(
-        self.tokens, self.positions, self.keys, self.steps, self.settings, self.greedy)
-    for slot in range(len(tokens)):
-      if self.rows[slot] is not None:
-        self.positions[slot] += 1
+  def _dispatch(self) -> None:
+    """Sends the next step of every row that still needs a token; its results are read on the
+    next pass, after the step after it has been sent."""
+    run = [(slot, r) for slot, r in enumerate(self.rows)
+           if r is not None and r.dispatched < r.max_new]
+    if not run:
+      return
+    positions = np.full_like(self.positions, -1)
+    steps = np.zeros_like(self.positions)
+    for slot, request in run:
+      positions[slot], steps[slot] = self.positions[slot], request.dispatched
+      self.positions[slot] += 1
+      request.dispatched += 1
+    self._pending = (self.model.step(positions, steps, self.row_state), run)
+
+  def _collect(self, pending) -> None:
+    out, run = pending
+    tokens, logprobs, top_values, top_ids = jax.device_get(out)
+    for slot, request in run:
+      if self.rows[slot] is request:  # not ended (stop id, client gone) since it was sent
         self._accept(slot, tokens[slot], logprobs[slot], top_values[slot], top_ids[slot])
 
   def _accept(self, slot, token, logprob, top_values, top_ids) -> None:
     request = self.rows[slot]
     token = int(token)
     request.generated += 1
-    self.tokens[slot], self.steps[slot] = token, request.generated
     at_stop_id = token in self.stop_ids and not request.ignore_eos
     text = "" if at_stop_id else request.tail.add(token)
     reason = None

@@ -13,6 +13,8 @@ A decode step reads every weight and the cache of the rows it runs, so it runs o
 `rows` slots (a power of two covering the highest active slot; requests take the lowest free
 slot) and attends only to the first `window` positions (a power of two covering the longest
 row): one compile per (rows, window) pair used, and a lone client pays for one row, not B.
+The step's rows run as one batch through the model; each row's last token stays on the device
+between steps, so the engine can send a step before reading the previous one.
 
 Log-probabilities are the model's own log-softmax, before penalty, temperature and top-p (what
 vLLM returns by default): `TOP_K` of them per position come back with every token.
@@ -27,6 +29,7 @@ from lima_jax import sharding
 from lima_jax.decoding import decode_weights, next_tokens, prompt_bucket, prompt_seen
 
 TOP_K = 20  # OpenAI's largest top_logprobs
+_SETTINGS = ("temperature", "top_p", "repetition_penalty")
 _MIN_WINDOW = 64
 
 
@@ -39,24 +42,18 @@ def choose(logits, seen, keys, steps, settings: dict, greedy, all_greedy):
 
   logits [R, V] fp32; seen [R, V] bool; keys [R] (typed keys); steps [R] int32 (tokens the row
   has generated); settings {temperature, top_p, repetition_penalty} of [R] fp32; greedy [R]
-  bool; all_greedy: a traced bool that skips the sampling (its sort over the vocabulary) when
-  no row samples. Returns (tokens [R] int32, their logprob [R], top logprobs [R, TOP_K] and
+  bool; all_greedy: a traced bool that skips the sampling (penalty, nucleus, draw) when no
+  row samples. Returns (tokens [R] int32, their logprob [R], top logprobs [R, TOP_K] and
   their ids [R, TOP_K], seen with the tokens added).
   """
   logprobs = jax.nn.log_softmax(logits, axis=-1)
   # A greedy row's temperature may be 0: it is never sampled, but must not make NaNs.
   sampling = dict(settings, temperature=jnp.where(greedy, 1.0, settings["temperature"]))
-
-  def per_row(is_greedy):
-    def pick(row_logits, row_seen, key, step, row_settings):
-      return next_tokens(row_logits[None], row_seen[None], key[None], step, row_settings,
-                         is_greedy)[0]
-    return jax.vmap(pick)
-
-  arg_max = per_row(True)(logits, seen, keys, steps, sampling)
-  tokens = jax.lax.cond(
-      all_greedy, lambda: arg_max,
-      lambda: jnp.where(greedy, arg_max, per_row(False)(logits, seen, keys, steps, sampling)))
+  sampling = {k: v[:, None] for k, v in sampling.items()}  # per row: [R, 1]
+  pick = lambda is_greedy: next_tokens(logits, seen, keys, steps, sampling, is_greedy)
+  arg_max = pick(True)
+  tokens = jax.lax.cond(all_greedy, lambda: arg_max,
+                        lambda: jnp.where(greedy, arg_max, pick(False)))
   seen = seen | jax.nn.one_hot(tokens, seen.shape[-1], dtype=jnp.bool_)
   chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
   top_values, top_ids = jax.lax.top_k(logprobs, TOP_K)
@@ -65,8 +62,9 @@ def choose(logits, seen, keys, steps, settings: dict, greedy, all_greedy):
 
 class SlotModel:
   """One model's compiled prefill and decode over `slots` rows of a cache of `capacity`
-  positions. Device state: `cache` {'k', 'v'} [layers, slots, capacity, kv_heads, head_dim] and
-  `seen` [slots, vocab] bool; the host keeps each slot's position (the engine)."""
+  positions. Device state: `cache` {'k', 'v'} [layers, slots, capacity + 1, kv_heads,
+  head_dim] (the last column: the decode step's scratch), `seen` [slots, vocab] bool and
+  `tokens` [slots] int32 (each row's last token); the engine keeps each slot's position."""
 
   def __init__(self, trainer, params, *, slots: int, context: int):
     cfg = trainer.model_cfg
@@ -76,18 +74,22 @@ class SlotModel:
     self.params = jax.jit(lambda p: decode_weights(p, dtype))(params)
     model = nnx.merge(self.graphdef, self.params)
     # Placed as the steps' outputs are, so the second call does not compile again.
-    state = jax.jit(lambda: (model.init_cache(slots, self.capacity),
-                             jnp.zeros((slots, self.vocab), jnp.bool_)),
+    state = jax.jit(lambda: (model.init_cache(slots, self.capacity + 1),  # + decode's scratch
+                             jnp.zeros((slots, self.vocab), jnp.bool_),
+                             jnp.zeros((slots,), jnp.int32)),
                     out_shardings=sharding.replicated(trainer.mesh))
-    self.cache, self.seen = state()
+    # tokens: each row's last token, kept on the device so a step's input is the previous
+    # step's output without a round trip through the host (the engine reads results a step late).
+    self.cache, self.seen, self.tokens = state()
     self._prefill = jax.jit(self._prefill_fn, static_argnames=("echo",),
-                            donate_argnames=("cache", "seen"))
+                            donate_argnames=("cache", "seen", "last_tokens"))
     self._decode = jax.jit(self._decode_fn, static_argnames=("rows", "window"),
-                           donate_argnames=("cache", "seen"))
+                           donate_argnames=("cache", "seen", "last_tokens"))
 
   def prefill(self, slot: int, ids: np.ndarray, key, settings: dict, greedy: bool, *,
               echo: bool):
-    """Runs prompt `ids` (int32, 1 <= len < capacity) into `slot` and picks its first token.
+    """Runs prompt `ids` (int32, 1 <= len < capacity) into `slot` and picks its first token
+    (also kept on the device as the slot's next step input).
 
     Returns host arrays: (token, logprob, top values [TOP_K], top ids [TOP_K]) of the first
     new token, and with echo the prompt's own (logprob of ids[i] given ids[:i] for i >= 1
@@ -96,8 +98,8 @@ class SlotModel:
     length = len(ids)
     tokens = np.zeros((1, prompt_bucket(length)), np.int32)
     tokens[0, :length] = ids
-    self.cache, self.seen, first, prompt = self._prefill(
-        self.params, self.cache, self.seen, jnp.int32(slot), tokens, jnp.int32(length), key,
+    self.cache, self.seen, self.tokens, first, prompt = self._prefill(
+        self.params, self.cache, self.seen, self.tokens, jnp.int32(slot), tokens, jnp.int32(length), key,
         _row_settings(settings), jnp.bool_(greedy), echo=echo)
     first = jax.device_get(first)
     first = tuple(x[0] for x in first)
@@ -105,7 +107,7 @@ class SlotModel:
       return first, None
     return first, tuple(np.asarray(x)[:length - 1] for x in jax.device_get(prompt))
 
-  def _prefill_fn(self, params, cache, seen, slot, tokens, length, key, settings, greedy, *,
+  def _prefill_fn(self, params, cache, seen, last_tokens, slot, tokens, length, key, settings, greedy, *,
                   echo):
     model = nnx.merge(self.graphdef, params)
     width = tokens.shape[1]
@@ -120,49 +122,77 @@ class SlotModel:
     *first, row_seen = choose(last, row_seen, key[None], jnp.zeros((1,), jnp.int32), row,
                               greedy[None], greedy)
     seen = jax.lax.dynamic_update_slice(seen, row_seen, (slot, 0))
+    last_tokens = jax.lax.dynamic_update_slice(last_tokens, first[0], (slot,))
     prompt = None
     if echo:
       logprobs = jax.nn.log_softmax(logits[0, :-1], axis=-1)
       following = jnp.take_along_axis(logprobs, tokens[0, 1:, None], axis=-1)[:, 0]
       top_values, top_ids = jax.lax.top_k(logprobs, TOP_K)
       prompt = (following, top_values, top_ids)
-    return cache, seen, tuple(first), prompt
+    return cache, seen, last_tokens, tuple(first), prompt
 
-  def step(self, tokens, positions, keys, steps, settings: dict, greedy):
-    """One token for every row up to the highest active one: host arrays of [slots] (tokens:
-    the last token of each row, positions: where it goes in the cache, steps: tokens the row
-    has generated; inactive rows anything in range). Returns host (tokens, logprob, top values,
-    top ids), one row per slot run."""
+  def step(self, positions, steps, rows_state) -> tuple:
+    """Dispatches one token for every row up to the highest active one and returns at once
+    (jax runs it asynchronously): device arrays (tokens, logprob, top values, top ids), one row
+    per slot run; `jax.device_get` them later. positions: host int32 [slots], where each row's
+    last token goes in the cache, -1 for a row not run; steps: host int32 [slots], tokens the
+    row has generated; rows_state: `RowState`, the rows' keys and decoding settings. A row
+    not run gets garbage in its own slot only (its next prefill overwrites it)."""
     active = np.flatnonzero(positions >= 0)
     rows = _bucket(int(active.max()) + 1, 1) if len(active) else 1
-    positions = np.maximum(positions, 0)
-    window = min(self.capacity, _bucket(int(positions[:rows].max()) + 1, _MIN_WINDOW))
-    keys = keys[:rows] if keys.shape[0] > rows else keys
-    settings = {k: jnp.asarray(v[:rows], jnp.float32) for k, v in settings.items()}
-    self.cache, self.seen, out = self._decode(
-        self.params, self.cache, self.seen, jnp.asarray(tokens[:rows]),
-        jnp.asarray(positions[:rows]), keys, jnp.asarray(steps[:rows]), settings,
-        jnp.asarray(greedy[:rows]), rows=rows, window=window)
-    return jax.device_get(out)
+    positions = np.maximum(positions[:rows], 0)
+    window = min(self.capacity, _bucket(int(positions.max()) + 1, _MIN_WINDOW))  # > positions
+    keys, settings, greedy = rows_state.on_device(rows)
+    self.cache, self.seen, self.tokens, out = self._decode(
+        self.params, self.cache, self.seen, self.tokens, positions, keys,
+        steps[:rows].astype(np.int32), settings, greedy, rows=rows, window=window)
+    return out
 
-  def _decode_fn(self, params, cache, seen, tokens, positions, keys, steps, settings, greedy, *,
-                 rows, window):
+  def _decode_fn(self, params, cache, seen, last_tokens, positions, keys, steps, settings, greedy,
+                 *, rows, window):
     model = nnx.merge(self.graphdef, params)
-    part = {name: c[:, :rows, :window] for name, c in cache.items()}
-
-    def one_row(token, position, k, v):
-      # The model's cache step, batch 1, each row writing at its own position.
-      row_cache = {"k": k[:, None], "v": v[:, None]}
-      logits, row_cache = model.extend(token[None, None], position[None, None], row_cache,
-                                       position, jnp.ones((1, window), jnp.bool_))
-      return logits[0, 0], row_cache["k"][:, 0], row_cache["v"][:, 0]
-
-    logits, k, v = jax.vmap(one_row, in_axes=(0, 0, 1, 1), out_axes=(0, 1, 1))(
-        tokens, positions, part["k"], part["v"])
-    cache = {"k": cache["k"].at[:, :rows, :window].set(k),
-             "v": cache["v"].at[:, :rows, :window].set(v)}
+    tokens = last_tokens[:rows]
+    # One batched call for all rows. The model writes a call's keys and values at one cache
+    # index for every row, but each row's token belongs at its own position: the call writes
+    # them at scratch column `window` (past every row's position; the cache has a spare column
+    # so it exists), each row attends to its own slots before its position and the scratch,
+    # then each row's scratch is copied to its position.
+    width = window + 1
+    part = {name: c[:, :rows, :width] for name, c in cache.items()}
+    slots = jnp.arange(width)[None]
+    valid = (slots < positions[:, None]) | (slots == window)
+    logits, part = model.extend(tokens[:, None], positions[:, None], part, window, valid)
+    logits = logits[:, 0]
+    cache = {name: c.at[:, jnp.arange(rows), positions].set(part[name][:, :, window])
+             for name, c in cache.items()}
     *out, row_seen = choose(logits, seen[:rows], keys, steps, settings, greedy, jnp.all(greedy))
-    return cache, seen.at[:rows].set(row_seen), tuple(out)
+    return cache, seen.at[:rows].set(row_seen), last_tokens.at[:rows].set(out[0]), tuple(out)
+
+
+class RowState:
+  """Each slot's key and decoding settings (temperature, top_p, repetition_penalty, greedy):
+  host arrays set when a request takes the slot, uploaded once per change rather than every
+  step."""
+
+  def __init__(self, slots: int):
+    self.settings = {k: np.ones(slots, np.float32) for k in _SETTINGS}
+    self.greedy = np.zeros(slots, np.bool_)
+    self.keys = jax.vmap(request_key)(np.zeros(slots, np.int32))
+    self._uploaded = {}  # rows -> (keys, settings, greedy) on the device
+
+  def set(self, slot: int, key, settings: dict, greedy: bool) -> None:
+    for name in _SETTINGS:
+      self.settings[name][slot] = settings[name]
+    self.greedy[slot] = greedy
+    self.keys = self.keys.at[slot].set(key)
+    self._uploaded.clear()
+
+  def on_device(self, rows: int) -> tuple:
+    if rows not in self._uploaded:
+      self._uploaded[rows] = (
+          self.keys[:rows], {k: jnp.asarray(v[:rows]) for k, v in self.settings.items()},
+          jnp.asarray(self.greedy[:rows]))
+    return self._uploaded[rows]
 
 
 def _row_settings(settings: dict) -> dict:
