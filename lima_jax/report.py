@@ -119,7 +119,8 @@ def shown_at_start(run: Run) -> list[int]:
 
 
 _CSS = """
-body{font-family:sans-serif;margin:24px;color:#222;line-height:1.4}
+body{font-family:sans-serif;margin:24px;color:#222;line-height:1.4;overflow-wrap:break-word}
+pre{white-space:pre-wrap}  /* the commands name long workdir paths: wrap, never scroll */
 table{border-collapse:collapse} td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}
 #epochs td.num{text-align:right;font-variant-numeric:tabular-nums}
 .plots{display:flex;flex-wrap:wrap;gap:12px} figure{margin:0}

@@ -8,10 +8,12 @@ import subprocess
 
 import pytest
 
+from lima_jax.evaluate.store import Study
 from tests.evaluate_helpers import (database, evaluate, free_port, make_study, start_module,
                                         stop)
 
 webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.common.action_chains import ActionChains  # pylint: disable=wrong-import-position
 from selenium.webdriver.common.by import By  # pylint: disable=wrong-import-position
 from selenium.webdriver.support import expected_conditions  # pylint: disable=wrong-import-position
 from selenium.webdriver.support.ui import WebDriverWait  # pylint: disable=wrong-import-position
@@ -88,6 +90,14 @@ def _act(page, action):
   old = page.browser.find_element(By.TAG_NAME, "html")
   action()
   WebDriverWait(page.browser, 30).until(expected_conditions.staleness_of(old))
+  WebDriverWait(page.browser, 30).until(
+      lambda b: b.execute_script("return document.readyState") == "complete")
+
+
+def _press(page, key):
+  """A key press as a person makes it: to the page, not to an element found beforehand (which
+  a loading page may have replaced already)."""
+  _act(page, lambda: ActionChains(page.browser).send_keys(key).perform())
 
 
 def _rate_pair(page, how, done):
@@ -112,7 +122,7 @@ def _rate_pair(page, how, done):
   choice = "tie" if how == "tie" else ("left" if how == shown_left else "right")
   if len(done) % 2:
     key = {"left": "a", "right": "b", "tie": "n"}[choice]
-    _act(page, lambda: page.browser.find_element(By.TAG_NAME, "body").send_keys(key))
+    _press(page, key)
   else:
     _act(page, page.browser.find_element(By.ID, f"choice-{choice}").click)
   done.append((item, shown_left, how))
@@ -167,8 +177,7 @@ def test_rating_modes(browser, study, mode, keys):
     for key in keys:
       rated.append(_item(page))
       assert page.text("answer").startswith("LIMA answer")
-      body = page.browser.find_element(By.TAG_NAME, "body")
-      _act(page, lambda: body.send_keys(key))  # pylint: disable=cell-var-from-loop
+      _press(page, key)
     assert not page.errors()
   finally:
     stop(page.proc)
@@ -177,7 +186,22 @@ def test_rating_modes(browser, study, mode, keys):
                                   for i, k in zip(rated, keys)]
 
 
-def test_report_page(browser, study):
+def test_report_page(browser, tmp_path):
+  """The report of a study whose votes came as a crowd platform's file (import-votes) and as
+  the rating page stores them: its own study, so it needs no other test's votes."""
+  study = make_study(str(tmp_path), PROMPTS, SYSTEMS, shared=2)
+  rows = {"ann": ["lima", "lima", "tie", "base", "lima"], "bob": ["lima", "tie", "tie", "base", "base"]}
+  for rater, winners in rows.items():
+    path = tmp_path / f"{rater}.jsonl"
+    path.write_text("".join(json.dumps({"item": i, "a": "lima", "b": "base", "winner": w}) + "\n"
+                            for i, w in enumerate(winners)))
+    evaluate("import-votes", f"--study={study}", f"--rater={rater}", f"--file={path}")
+  store = Study(study)
+  with store.write() as db:
+    for item, (rating, score) in enumerate([("excellent", "5"), ("pass", "4"), ("fail", "2")]):
+      for mode, choice in (("absolute", rating), ("helpfulness", score)):
+        store.add_vote(db, rater="cy", origin="page", mode=mode, item=item, sample=0,
+                       system="lima", opponent="", left=None, choice=choice)
   evaluate("report", f"--study={study}")
   with open(os.path.join(study, "report.json"), encoding="utf-8") as f:
     data = json.load(f)
@@ -191,7 +215,7 @@ def test_report_page(browser, study):
   assert browser.find_elements(By.CSS_SELECTOR, "#plot-helpfulness rect.bar")
   assert browser.find_elements(By.CSS_SELECTOR, "#plot-pairwise path.ci")
   (people,) = data["pairwise"]
-  assert (people["rater"], people["n"]) == ("people", 7)
+  assert (people["rater"], people["n"]) == ("people", 10)
   assert [r["raters"] for r in data["agreement"]] == [["ann", "bob"]]
   rows = browser.find_elements(By.CSS_SELECTOR, "#table-agreement tr")
   assert "ann / bob" in rows[1].text

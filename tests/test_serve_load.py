@@ -129,6 +129,6 @@ def test_sigterm_finishes_the_answers_in_flight_then_exits(server):
   chunks += list(stream)
   assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("length", "stop")
   assert sum(bool(c.choices and c.choices[0].delta.content) for c in chunks) > 10
-  out = server.stop()
+  out, _ = server.proc.communicate(timeout=120)  # it exits by itself: no second signal
   assert server.proc.returncode == 0, out
   assert "server stopped" in out
