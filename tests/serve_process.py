@@ -87,3 +87,21 @@ def tiny_run(workdir: str) -> str:
   cfg.eval.generate_epochs = ()
   train.run(cfg, workdir)
   return workdir
+
+
+def forward_logprobs(trainer, params):
+  """Our forward in this process, as a reference for the server's logprobs: ids (a list of
+  ints) -> log-softmax [len, vocab] (numpy fp32) of the model's logits at each position."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from lima_jax import sharding  # pylint: disable=import-outside-toplevel
+  constrain = sharding.Constrainer(trainer.mesh)
+
+  @jax.jit
+  def logprobs(params, ids):
+    positions = jnp.arange(ids.shape[1])[None]
+    logits = trainer.model(params)(ids, positions, jnp.ones_like(ids), constrain=constrain)
+    return jax.nn.log_softmax(logits, axis=-1)
+
+  return lambda ids: np.asarray(logprobs(params, jnp.asarray([ids], jnp.int32)))[0]

@@ -4,7 +4,6 @@ page served by `python -m lima_jax.evaluate annotate` in a subprocess."""
 import json
 import os
 import signal
-import subprocess
 
 import pytest
 

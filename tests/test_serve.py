@@ -9,15 +9,13 @@ import threading
 import time
 
 import httpx
-import jax
-import jax.numpy as jnp
 import numpy as np
 import openai
 import pytest
 
 from helpers import ROOT
-from lima_jax import generate, run_files, sharding
-from serve_process import Server, tiny_run
+from lima_jax import generate, run_files
+from serve_process import Server, forward_logprobs, tiny_run
 
 NAME = "toy"
 QUESTIONS = [["Say hello."], ["Hi", "Hello! How can I help?", "Name a colour."]]
@@ -50,15 +48,7 @@ def reference(run):
   kept = run_files.locate(run)
   source, tokenizer = generate.open_kept(kept)
   trainer, params = generate.restore_kept(kept, source)
-  constrain = sharding.Constrainer(trainer.mesh)
-
-  @jax.jit
-  def logprobs(params, ids):
-    positions = jnp.arange(ids.shape[1])[None]
-    logits = trainer.model(params)(ids, positions, jnp.ones_like(ids), constrain=constrain)
-    return jax.nn.log_softmax(logits, axis=-1)
-
-  return tokenizer, lambda ids: np.asarray(logprobs(params, jnp.asarray([ids], jnp.int32)))[0]
+  return tokenizer, forward_logprobs(trainer, params)
 
 
 def chat(client, turns, **kwargs):

@@ -5,15 +5,12 @@ be fetched."""
 
 import argparse
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lima_jax import sharding
 from lima_jax.decoding import Decoding, Generator
 from lima_jax.serve import loading
-from serve_process import Server
+from serve_process import Server, forward_logprobs
 
 FLAGS = ["--chat_format=template", "--eot_token=<|im_end|>", "--context=512"]
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -37,17 +34,7 @@ def local(weights):
   loaded = loading.load(argparse.Namespace(model=weights, workdir=None, epoch=None, step=None,
                                            chat_format="template", eot_token="<|im_end|>",
                                            context=512))
-  trainer = loaded.trainer
-  constrain = sharding.Constrainer(trainer.mesh)
-
-  @jax.jit
-  def logprobs(params, ids):
-    positions = jnp.arange(ids.shape[1])[None]
-    logits = trainer.model(params)(ids, positions, jnp.ones_like(ids), constrain=constrain)
-    return jax.nn.log_softmax(logits, axis=-1)
-
-  return loaded, lambda ids: np.asarray(logprobs(loaded.params,
-                                                 jnp.asarray([ids], jnp.int32)))[0]
+  return loaded, forward_logprobs(loaded.trainer, loaded.params)
 
 
 def test_smollm2_greedy_answer_stream_and_logprobs(server, local):
