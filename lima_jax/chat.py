@@ -127,8 +127,13 @@ class Conversation:
     if event.reason == "error":
       self.say(f"(generation failed: {event.message})")
       return
-    if event.reason in ("length", "interrupted"):
-      self.say(f"({'cut at max_tokens' if event.reason == 'length' else 'stopped'})")
+    if event.reason == "interrupted":
+      self.say("(stopped)")
+    elif event.reason == "length" and limit < self.decoding["max_tokens"]:
+      self.say(f"(cut at the model's context of {self.loaded.context} tokens; /reset starts "
+               "afresh, a smaller /set max_tokens leaves room for more turns)")
+    elif event.reason == "length":
+      self.say("(cut at max_tokens)")
     self.turns += [text, "".join(pieces)]
 
   def say(self, line: str) -> None:

@@ -164,13 +164,14 @@ def test_failures_are_retried_or_recorded_never_verdicts(study, endpoint):
   endpoint.reply, endpoint.log = reply, []
   out = _judge(study, endpoint, "--retries=2").stdout
   assert "6 verdicts from logprobs, 0 from text, 6 failed" in out
+  assert "2 of the failures: " in out  # why, in the endpoint's own words where it gives them
   rows = _rows(study, "item", "status", "verdict", "attempts", "error")
   assert [(i, s, v is not None) for i, s, v, *_ in rows] == [
       (i, s, s == "ok") for i in range(N) for s in
       [{0: "ok", 1: "failed", 2: "ok", 3: "failed", 4: "failed", 5: "ok"}[i]] * 2]
   by_item = {i: (a, e) for i, s, v, a, e in rows}
   assert by_item[0][0] == 2 and by_item[2][0] == 2  # retried once each
-  assert by_item[1] == (3, "HTTP 500") and by_item[4] == (1, "HTTP 400")
+  assert by_item[1] == (3, "HTTP 500: scripted") and by_item[4] == (1, "HTTP 400: scripted")
   assert by_item[3][1].startswith("unparseable reply: 'Both answers")
   with database(study) as db:
     calls = db.execute("SELECT item, status, reply, error FROM calls ORDER BY id").fetchall()

@@ -191,8 +191,9 @@ def _judge(args) -> None:
   print(f"judge: {client.name}: {counts['logprobs']} verdicts from logprobs, {counts['text']} "
         f"from text, {counts['failed']} failed, {counts['skipped']} judged before")
   if counts["failed"]:
-    print("judge: failed requests are stored with their replies (table calls); "
-          "rerun to retry them")
+    (reason, times), = client.failures.most_common(1)
+    print(f"judge: {times} of the failures: {reason}; every request and reply is stored (table "
+          "calls), and a rerun retries the failed ones")
 
 
 def _report(args) -> None:

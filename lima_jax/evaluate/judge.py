@@ -12,6 +12,7 @@ way, judges only what has no verdict yet.
 """
 
 import asyncio
+import collections
 import dataclasses
 import json
 import math
@@ -98,6 +99,7 @@ class Judge:
     self.name = judge_name(settings.model)
     self._items = {it["item"]: it for it in study.items()}
     self._answers = {}
+    self.failures = collections.Counter()  # why requests failed (after retries), for the user
 
   def todo(self, tasks: list[assign.Task]) -> tuple[list[Job], int]:
     """(the jobs with no verdict yet, how many already have one)."""
@@ -156,7 +158,7 @@ class Judge:
         if status == 200:
           value, how, error = verdict_from(job.unit.task.mode, _json(raw))
         else:
-          error, retry = f"HTTP {status}", status in RETRY_STATUS
+          error, retry = _http_error(status, raw), status in RETRY_STATUS
       except httpx.TimeoutException as e:
         error, retry = f"timeout ({type(e).__name__})", True
       except httpx.TransportError as e:
@@ -166,6 +168,8 @@ class Judge:
         break
       await asyncio.sleep(self.s.backoff_s * 2 ** attempt * (0.5 + random.random()))
     self._record_verdict(job, value, how, error, attempt + 1)
+    if value is None:
+      self.failures[error] += 1
     return how if value is not None else "failed"
 
   def _record_call(self, job, attempt, body, status, raw, error) -> None:
@@ -191,6 +195,14 @@ class Judge:
                  job.key(self.name) + ("ok" if value is not None else "failed", value, how or None,
                                        None if value is not None else error, attempts,
                                        time.time()))
+
+
+def _http_error(status: int, raw: str) -> str:
+  """'HTTP 404: <the endpoint's own message>' (OpenAI's error object), or 'HTTP 404'."""
+  body = _json(raw)
+  message = body.get("error") if isinstance(body, dict) else None
+  message = message.get("message") if isinstance(message, dict) else message
+  return f"HTTP {status}: {message}" if isinstance(message, str) and message else f"HTTP {status}"
 
 
 def _json(raw: str):

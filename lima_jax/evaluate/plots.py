@@ -7,7 +7,8 @@ import math
 
 from lima_jax.svg_plot import COLORS, tick_labels, ticks
 
-_W, _ROW, _LABEL, _RIGHT, _TOP, _BOTTOM = 640, 26, 230, 24, 42, 34
+_W, _ROW, _LABEL, _RIGHT, _TOP, _BOTTOM = 760, 26, 340, 24, 42, 34
+_LABEL_CHARS = 54  # what fits left of the bars at 11 px sans-serif (about 6 px a character)
 STACKCOLORS = {"win": COLORS[2], "tie": "#bbbbbb", "loss": COLORS[1],
                 "fail": COLORS[1], "pass": "#bbbbbb", "excellent": COLORS[2]}
 
@@ -19,6 +20,14 @@ def _frame(title: str, rows: int) -> tuple[list[str], int]:
           f"<title>{_esc(title)}</title>",
           f'<text x="{_W / 2}" y="14" text-anchor="middle" font-size="13">{_esc(title)}</text>'
           ], height
+
+
+def _row_label(label: str, y: float) -> str:
+  """A bar's label, shortened with an ellipsis where it would run off the chart's left edge;
+  the whole label shows as the tooltip."""
+  shown = label if len(label) <= _LABEL_CHARS else label[:_LABEL_CHARS - 1] + "\u2026"
+  return (f'<text x="{_LABEL - 6}" y="{y + 13}" text-anchor="end"><title>{_esc(label)}</title>'
+          f"{_esc(shown)}</text>")
 
 
 def _axis(out: list[str], height: int, low: float, high: float, sx, label: str) -> None:
@@ -43,8 +52,7 @@ def stacked(title: str, rows: list[dict], segments: tuple[str, ...],
   _axis(out, height, 0, 100, lambda p: sx(p / 100), "% of items")
   for r, row in enumerate(rows):
     y = _TOP + r * _ROW + 4
-    out.append(f'<text x="{_LABEL - 6}" y="{y + 13}" text-anchor="end">{_esc(row["label"])}'
-               "</text>")
+    out.append(_row_label(row["label"], y))
     start = 0.0
     for name in segments:
       share = row[name]
@@ -85,8 +93,8 @@ def bars(title: str, xlabel: str, rows: list[dict], *, low: float | None = None,
   _axis(out, height, x0, x1, sx, xlabel)
   for r, row in enumerate(rows):
     y = _TOP + r * _ROW + 4
-    out.append(f'<text x="{_LABEL - 6}" y="{y + 13}" text-anchor="end">{_esc(row["label"])}'
-               f'</text><rect class="bar" data-row="{_esc(row["label"])}" x="{sx(x0):.1f}" '
+    out.append(_row_label(row["label"], y) +
+               f'<rect class="bar" data-row="{_esc(row["label"])}" x="{sx(x0):.1f}" '
                f'y="{y}" width="{max(sx(row["value"]) - sx(x0), 0):.1f}" height="{_ROW - 8}" '
                f'fill="{COLORS[0]}"/>')
     ci = row.get("ci")

@@ -173,6 +173,7 @@ def tables(data: dict) -> dict[str, tuple[list[str], list[list[str]]]]:
 _TITLES = {"pairwise": "Pairwise preference", "agreement": "Agreement on the shared items",
            "absolute": "Absolute ratings", "helpfulness": "Helpfulness",
            "lengths": "Answer lengths"}
+_EMPTY = {"agreement": "No data yet: agreement needs two raters who both rated the shared items."}
 _CSS = ("body{font-family:sans-serif;margin:24px;color:#222} table{border-collapse:collapse;"
         "margin:8px 0} td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}")
 
@@ -184,6 +185,8 @@ def render_html(data: dict) -> str:
     parts.append(f'<h2>{_TITLES[name]}</h2>')
     if name in svgs:
       parts.append(f'<figure id="plot-{name}">{svgs[name]}</figure>')
+    if not rows and name not in svgs:  # a chart says so itself when it has nothing to draw
+      parts.append(f"<p>{_EMPTY.get(name, 'No data yet.')}</p>")
     parts.append(f'<table id="table-{name}"><tr>' + "".join(f"<th>{esc(h)}</th>" for h in headers)
                  + "</tr>" + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) +
                                      "</tr>" for row in rows) + "</table>")
