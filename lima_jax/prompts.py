@@ -60,13 +60,17 @@ def load_prompts(path: str, tokenizer: ChatTokenizer, *, data_dir: str, context:
 def generation_records(prompts, generations, tokenizer: ChatTokenizer) -> list[dict]:
   """One JSON-ready record per prompt: the prompt, the generated text and how it ended:
   stopped "eot" when the model ended its answer (EOT or one of its own end ids,
-  `ChatTokenizer.stop_ids`), "length" when it ran out of tokens."""
+  `ChatTokenizer.stop_ids`; `stop_token` names which), "length" when it ran out of tokens."""
   records = []
   for prompt, ids in zip(prompts, generations):
     stopped = len(ids) > 0 and int(ids[-1]) in tokenizer.stop_ids
     record = {"line": prompt.line, "source": prompt.source, "prompt": prompt.turns[-1],
               "generation": tokenizer.decode(ids), "tokens": int(len(ids)),
               "stopped": "eot" if stopped else "length"}
+    if stopped:
+      last = int(ids[-1])
+      record["stop_token"] = (tokenizer.eot_text if last == tokenizer.eot_id
+                              else tokenizer.token_text(last))
     if len(prompt.turns) > 1:
       record["history"] = list(prompt.turns[:-1])
     if prompt.reference is not None:

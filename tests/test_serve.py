@@ -231,10 +231,11 @@ def test_a_judge_request_reads_one_tokens_top_logprobs(client, reference):
 
 
 def test_a_client_gone_from_a_non_streamed_request_frees_its_slots(server):
-  """Thirty-two answers in one /v1/completions request on four slots; the client gives up after
-  a second, and its answers leave the engine at once instead of decoding to the end."""
+  """256 answers of 100 tokens in one /v1/completions request (about 3,200 decode steps on the
+  server's slots, several seconds even for the toy); the client gives up after a second, and its
+  answers leave the engine at once instead of decoding to the end."""
   before = httpx.get(f"{server.url}/health").json()["cancelled"]
-  body = {"model": NAME, "prompt": ["Say hello."] * 32, "max_tokens": 100, "temperature": 0,
+  body = {"model": NAME, "prompt": ["Say hello."] * 256, "max_tokens": 100, "temperature": 0,
           "ignore_eos": True}
   with pytest.raises(httpx.TimeoutException):
     httpx.post(f"{server.url}/v1/completions", json=body, timeout=1.0)
@@ -242,6 +243,6 @@ def test_a_client_gone_from_a_non_streamed_request_frees_its_slots(server):
   while (health := httpx.get(f"{server.url}/health").json())["requests"] and (
       time.monotonic() < deadline):
     time.sleep(0.1)
-  assert health["requests"] == 0 and health["cancelled"] - before >= 28, health
+  assert health["requests"] == 0 and health["cancelled"] - before >= 200, health
   assert httpx.post(f"{server.url}/v1/completions", timeout=60, json=dict(
       body, prompt="Say hello.", max_tokens=2)).json()["usage"]["completion_tokens"] == 2
