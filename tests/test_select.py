@@ -265,6 +265,8 @@ HOSTILE = ("**bold** and `code`\n\n<script>window.ran = 'script'</script>\n\n"
 def browser():
   webdriver = pytest.importorskip("selenium.webdriver")
   from selenium.webdriver.chrome.service import Service  # pylint: disable=import-outside-toplevel
+  if not (shutil.which("chromium") and shutil.which("chromedriver")):
+    pytest.skip("needs chromium and chromedriver (apt-get install chromium chromium-driver)")
   options = webdriver.ChromeOptions()
   for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,900"):
     options.add_argument(arg)
